@@ -1,0 +1,181 @@
+"""Command line: argument parsing, logging set-up, exit codes.
+
+Owns: `dwsproxy --config FILE`, `check-config`, `reload`, `certs …` and `demo`; choosing uvloop;
+setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported. Exit status 2 for a
+config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+
+log = logging.getLogger("dwsproxy")
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = (f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower()} "
+                f"{record.name} {record.getMessage()}")
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        if fields:
+            text += " " + " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _kv(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _run(coro_factory: Any) -> int:
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return int(runner.run(coro_factory()))
+
+
+def _load_or_exit(path: str) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.config)
+    multiproc_dir = None
+    if cfg.listen.workers > 1 and not args.worker:
+        multiproc_dir = tempfile.mkdtemp(prefix="dwsproxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    from . import server  # imports prometheus_client: only after the env var is set
+
+    if args.pid_file and not args.worker:
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
+    try:
+        if args.worker:
+            return _run(lambda: server.serve(cfg, worker=True))
+        if cfg.listen.workers > 1:
+            worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
+                           "--log-format", args.log_format]
+            return _run(lambda: server.supervise(cfg, worker_argv))
+        return _run(lambda: server.serve(cfg))
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+        if args.pid_file and not args.worker:
+            Path(args.pid_file).unlink(missing_ok=True)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_or_exit(args.file)
+    print(f"config ok: {cfg.path}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"reload: cannot signal the process in {args.pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"reload: sent SIGHUP to {pid}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwsproxy",
+        description="TLS-terminating SSL policy proxy for the PostgreSQL wire protocol")
+    parser.add_argument("--config", help="TOML configuration file (runs the proxy)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--pid-file", default="", help="write the process id here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command")
+
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file")
+    reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP)")
+    reload.add_argument("--pid-file", dest="pid_file", required=True)
+
+    from . import certs
+
+    certs.add_parser(sub)
+    demo = sub.add_parser("demo", help="throwaway PostgreSQL + proxy + a live Table 3")
+    demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="print Table 3 and exit instead of serving until Ctrl-C")
+    demo.add_argument("--port", type=int, default=6432)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    if args.command == "check-config":
+        return cmd_check_config(args)
+    if args.command == "reload":
+        return cmd_reload(args)
+    if args.command == "certs":
+        from . import certs
+
+        return certs.main(args)
+    if args.command == "demo":
+        from . import demo
+
+        return demo.main(args)
+    if not args.config:
+        parser.print_usage(sys.stderr)
+        print("dwsproxy: error: --config FILE is required", file=sys.stderr)
+        return 2
+    return cmd_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

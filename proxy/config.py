@@ -1,0 +1,370 @@
+"""The configuration: one TOML file parsed once into frozen dataclasses.
+
+Owns: reading the file named by `--config`, checking every key (unknown keys, types, ranges,
+impossible combinations), resolving relative paths against the file's folder, and building the
+runtime TLS objects through `tls.py`, so that a `Config` is complete or does not exist. Must not
+do network I/O. The rest of the code never sees a raw dict; errors are `ConfigError` naming the
+key path (`tls.ssl_ca_file: no such file '…'`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
+BACKEND_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+RULE_TYPES = ("host", "hostssl", "hostnossl")
+RULE_ACTIONS = ("allow", "reject")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is one line that starts with the key path."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    host: str = "0.0.0.0"
+    port: int = 6432
+    workers: int = 1
+    max_connections: int = 10000
+    startup_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    connect_timeout: float = 5.0
+    sslmode: str = "disable"
+    sslrootcert: str = ""
+    sslcert: str = ""
+    sslkey: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ssl: bool = True
+    require_ssl: bool = False
+    ssl_cert_file: str = "certs/server.crt"
+    ssl_key_file: str = "certs/server.key"
+    ssl_passphrase_file: str = ""
+    ssl_ca_file: str = ""
+    ssl_crl_file: str = ""
+    ssl_crl_dir: str = ""
+    clientcert: str = "none"
+    ssl_min_protocol_version: str = "TLSv1.2"
+    ssl_max_protocol_version: str = ""
+    ssl_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    direct_ssl: bool = True
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int  # 1-based, as a DBA counts pg_hba.conf lines
+    type: str = "host"
+    user: str = "*"
+    database: str = "*"
+    application_name: str = "*"
+    address: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    ssl_protocols: tuple[str, ...] = ()
+    clientcert: str = ""
+    action: str = "allow"
+
+    def describe(self) -> str:
+        parts = [f"type={self.type}"]
+        for key in ("user", "database", "application_name"):
+            if getattr(self, key) != "*":
+                parts.append(f"{key}={getattr(self, key)}")
+        if self.address is not None:
+            parts.append(f"address={self.address}")
+        return f"rule #{self.index} ({', '.join(parts)})"
+
+    def matches(
+        self,
+        *,
+        encrypted: bool,
+        user: str,
+        database: str,
+        application_name: str,
+        peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    ) -> bool:
+        if self.type == "hostssl" and not encrypted:
+            return False
+        if self.type == "hostnossl" and encrypted:
+            return False
+        if self.address is not None:
+            if peer is None or peer.version != self.address.version or peer not in self.address:
+                return False
+        return (
+            fnmatch.fnmatchcase(user, self.user)
+            and fnmatch.fnmatchcase(database, self.database)
+            and fnmatch.fnmatchcase(application_name, self.application_name)
+        )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9187
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    listen: ListenConfig
+    backend: BackendConfig
+    tls: TlsConfig
+    rules: tuple[Rule, ...]
+    metrics: MetricsConfig
+    # Built by tls.py at load time: None when ssl is off.
+    server_tls: Any = field(default=None, compare=False)
+
+    @property
+    def cert_requested(self) -> bool:
+        return self.tls.clientcert != "none" or any(r.clientcert for r in self.rules)
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _as_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("on", "off", "true", "false"):
+        return value.lower() in ("on", "true")
+    raise ConfigError(key, f"expected true/false (or \"on\"/\"off\"), got {value!r}")
+
+
+def _as_int(lo: int, hi: int) -> Callable[[str, object], int]:
+    def conv(key: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"{value} is out of range {lo}..{hi}")
+        return value
+
+    return conv
+
+
+def _as_seconds(allow_zero: bool) -> Callable[[str, object], float]:
+    def conv(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number of seconds, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero) or value > 86400 * 365:
+            raise ConfigError(key, f"{value} is out of range")
+        return float(value)
+
+    return conv
+
+
+def _as_str(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...], allow_empty: bool = False) -> Callable[[str, object], str]:
+    def conv(key: str, value: object) -> str:
+        text = _as_str(key, value)
+        if text in choices or (allow_empty and text == ""):
+            return text
+        raise ConfigError(key, f"{text!r} is not one of {', '.join(choices)}")
+
+    return conv
+
+
+def _workers(key: str, value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    return _as_int(1, 256)(key, value)
+
+
+def _port(key: str, value: object) -> int:
+    return _as_int(0, 65535)(key, value)
+
+
+_LISTEN = {
+    "host": _as_str,
+    "port": _port,
+    "workers": _workers,
+    "max_connections": _as_int(1, 1_000_000),
+    "startup_timeout": _as_seconds(False),
+    "idle_timeout": _as_seconds(True),
+    "shutdown_grace": _as_seconds(True),
+}
+_BACKEND = {
+    "host": _as_str,
+    "port": _port,
+    "connect_timeout": _as_seconds(False),
+    "sslmode": _one_of(BACKEND_SSLMODES),
+    "sslrootcert": _as_str,
+    "sslcert": _as_str,
+    "sslkey": _as_str,
+}
+_TLS = {
+    "ssl": _as_bool,
+    "require_ssl": _as_bool,
+    "ssl_cert_file": _as_str,
+    "ssl_key_file": _as_str,
+    "ssl_passphrase_file": _as_str,
+    "ssl_ca_file": _as_str,
+    "ssl_crl_file": _as_str,
+    "ssl_crl_dir": _as_str,
+    "clientcert": _one_of(CLIENTCERT_LEVELS),
+    "ssl_min_protocol_version": _one_of(TLS_VERSIONS),
+    "ssl_max_protocol_version": _one_of(TLS_VERSIONS, allow_empty=True),
+    "ssl_ciphers": _as_str,
+    "direct_ssl": _as_bool,
+}
+_METRICS = {"host": _as_str, "port": _port}
+_PATH_KEYS = {
+    "backend": ("sslrootcert", "sslcert", "sslkey"),
+    "tls": (
+        "ssl_cert_file",
+        "ssl_key_file",
+        "ssl_passphrase_file",
+        "ssl_ca_file",
+        "ssl_crl_file",
+        "ssl_crl_dir",
+    ),
+}
+
+
+def _section(raw: dict[str, Any], name: str, schema: dict[str, Callable[[str, object], Any]],
+             base: Path) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(name, "expected a table")
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(schema)})")
+        out[key] = schema[key](f"{name}.{key}", value)
+    for key in _PATH_KEYS.get(name, ()):
+        if out.get(key):
+            out[key] = str((base / out[key]).resolve())
+    return out
+
+
+def _rule(index: int, raw: object) -> Rule:
+    prefix = f"rules[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, "expected a table ([[rules]])")
+    known = ("type", "user", "database", "application_name", "address", "ssl_protocols",
+             "clientcert", "action")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}"
+        if key not in known:
+            raise ConfigError(path, f"unknown key (known: {', '.join(known)})")
+        if key == "type":
+            values[key] = _one_of(RULE_TYPES)(path, value)
+        elif key == "action":
+            values[key] = _one_of(RULE_ACTIONS)(path, value)
+        elif key == "clientcert":
+            values[key] = _one_of(CLIENTCERT_LEVELS[1:])(path, value)
+        elif key == "address":
+            try:
+                values[key] = ipaddress.ip_network(_as_str(path, value), strict=False)
+            except ValueError as exc:
+                raise ConfigError(path, f"not a CIDR address: {exc}") from None
+        elif key == "ssl_protocols":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(path, "expected a non-empty list such as [\"TLSv1.2\"]")
+            values[key] = tuple(_one_of(TLS_VERSIONS)(path, v) for v in value)
+        else:
+            values[key] = _as_str(path, value)
+    if "action" not in values:
+        raise ConfigError(f"{prefix}.action", "missing (allow or reject)")
+    if values.get("type") == "hostnossl" and (values.get("ssl_protocols") or
+                                               values.get("clientcert")):
+        raise ConfigError(prefix, "a hostnossl rule cannot require ssl_protocols or clientcert")
+    return Rule(index=index, **values)
+
+
+def parse(text: str, path: str) -> Config:
+    """Parse and validate; builds no TLS objects (see `load`)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: not valid TOML: {exc}") from None
+    known = ("listen", "backend", "tls", "rules", "metrics")
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, f"unknown section (known: {', '.join(known)})")
+    base = Path(path).resolve().parent
+    listen = ListenConfig(**_section(raw, "listen", _LISTEN, base))
+    backend = BackendConfig(**_section(raw, "backend", _BACKEND, base))
+    tls = TlsConfig(**_section(raw, "tls", _TLS, base))
+    metrics = MetricsConfig(**_section(raw, "metrics", _METRICS, base))
+    raw_rules = raw.get("rules", [])
+    if not isinstance(raw_rules, list):
+        raise ConfigError("rules", "expected an array of tables ([[rules]])")
+    rules = tuple(_rule(i, r) for i, r in enumerate(raw_rules, start=1))
+
+    if backend.sslmode != "disable":
+        raise ConfigError(
+            "backend.sslmode",
+            f"{backend.sslmode!r} is not supported yet: the proxy talks to the backend in "
+            "plaintext over a trusted link (use \"disable\")",
+        )
+    if tls.ssl_max_protocol_version and TLS_VERSIONS.index(
+        tls.ssl_max_protocol_version
+    ) < TLS_VERSIONS.index(tls.ssl_min_protocol_version):
+        raise ConfigError("tls.ssl_max_protocol_version",
+                          "is lower than tls.ssl_min_protocol_version")
+    if not tls.ssl and tls.require_ssl:
+        # The seed: require_ssl only has effect when ssl is on. Accept it, as the server does.
+        pass
+    needs_ca = tls.clientcert != "none" or any(r.clientcert for r in rules)
+    if tls.ssl and needs_ca and not tls.ssl_ca_file:
+        raise ConfigError("tls.ssl_ca_file",
+                          "is required when clientcert (global or in a rule) is not \"none\"")
+    for rule in rules:
+        for proto in rule.ssl_protocols:
+            if proto not in _enabled_versions(tls):
+                raise ConfigError(f"rules[{rule.index}].ssl_protocols",
+                                  f"{proto} is outside tls.ssl_min/max_protocol_version")
+    return Config(path=str(Path(path).resolve()), listen=listen, backend=backend, tls=tls,
+                  rules=rules, metrics=metrics)
+
+
+def _enabled_versions(tls: TlsConfig) -> tuple[str, ...]:
+    lo = TLS_VERSIONS.index(tls.ssl_min_protocol_version)
+    hi = TLS_VERSIONS.index(tls.ssl_max_protocol_version) if tls.ssl_max_protocol_version else -1
+    return TLS_VERSIONS[lo:] if hi == -1 else TLS_VERSIONS[lo : hi + 1]
+
+
+def load(path: str) -> Config:
+    """Read, validate and build everything (TLS contexts included); raise ConfigError."""
+    from . import tls as tls_mod  # tls imports config's dataclasses
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: '{path}'") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
+    cfg = parse(text, path)
+    if cfg.tls.ssl:
+        server_tls = tls_mod.build_server_tls(cfg.tls, cert_requested=cfg.cert_requested)
+        cfg = Config(path=cfg.path, listen=cfg.listen, backend=cfg.backend, tls=cfg.tls,
+                     rules=cfg.rules, metrics=cfg.metrics, server_tls=server_tls)
+    return cfg

@@ -1,0 +1,240 @@
+"""`dwsproxy demo` (`make demo`): throwaway certificates, a throwaway PostgreSQL, the proxy in
+front, and Table 3 of the seed observed live with the real `psql`.
+
+Owns: `TempPostgres` (also used by the integration tests), the demo's configs, and the printed
+table. Must not be imported by the proxy's serving path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def find_pg_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
+        return str(candidate)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class TempPostgres:
+    """A PostgreSQL cluster in a temp dir, run as the `postgres` account when we are root
+    (PostgreSQL refuses to run as root), trust auth on 127.0.0.1 only."""
+
+    def __init__(self, port: int | None = None, max_connections: int = 100,
+                 extra_conf: str = "") -> None:
+        self.port = port or free_port()
+        self.max_connections = max_connections
+        self.extra_conf = extra_conf
+        self.dir = Path(tempfile.mkdtemp(prefix="dwsproxy-pg-"))
+        self.data = self.dir / "data"
+        self.as_postgres = os.geteuid() == 0
+        missing = [b for b in ("initdb", "pg_ctl", "postgres") if not find_pg_binary(b)]
+        if missing:
+            raise FileNotFoundError(f"PostgreSQL server binaries not found: {missing}")
+
+    def _cmd(self, *argv: str) -> list[str]:
+        return (["runuser", "-u", "postgres", "--", *argv] if self.as_postgres else list(argv))
+
+    def start(self) -> "TempPostgres":
+        if self.as_postgres:
+            os.chmod(self.dir, 0o755)
+            shutil.chown(self.dir, "postgres", "postgres")
+        initdb = find_pg_binary("initdb")
+        assert initdb
+        subprocess.run(self._cmd(initdb, "-D", str(self.data), "-U", "postgres",
+                                 "--auth=trust", "-E", "UTF8", "--no-sync"),
+                       check=True, capture_output=True)
+        conf = (f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.dir}'\nmax_connections = "
+                f"{self.max_connections}\nfsync = off\nsynchronous_commit = off\n"
+                f"full_page_writes = off\nshared_buffers = 64MB\nlog_connections = on\n"
+                f"log_disconnections = on\n{self.extra_conf}\n")
+        with open(self.data / "postgresql.conf", "a") as fh:
+            fh.write(conf)
+        pg_ctl = find_pg_binary("pg_ctl")
+        assert pg_ctl
+        subprocess.run(self._cmd(pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"),
+                                 "-w", "-t", "60", "start"), check=True, capture_output=True)
+        wait_port(self.port)
+        return self
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "log"
+
+    def sql(self, query: str, user: str = "postgres") -> str:
+        """Run SQL over the unix socket (never through the proxy)."""
+        psql = shutil.which("psql") or find_pg_binary("psql")
+        assert psql
+        out = subprocess.run(
+            self._cmd(psql, "-h", str(self.dir), "-p", str(self.port), "-U", user, "-d",
+                      "postgres", "-At", "-v", "ON_ERROR_STOP=1", "-c", query),
+            check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        pg_ctl = find_pg_binary("pg_ctl")
+        if pg_ctl and self.data.exists():
+            subprocess.run(self._cmd(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w",
+                                     "stop"), capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_config(path: Path, *, port: int, backend_port: int, certs: Path, ssl: bool,
+                 require_ssl: bool, metrics_port: int = 0, extra: str = "") -> Path:
+    path.write_text(f"""# written by `dwsproxy demo`
+[listen]
+host = "127.0.0.1"
+port = {port}
+startup_timeout = 10.0
+
+[backend]
+host = "127.0.0.1"
+port = {backend_port}
+
+[tls]
+ssl = {str(ssl).lower()}
+require_ssl = {str(require_ssl).lower()}
+ssl_cert_file = "{certs / 'server.crt'}"
+ssl_key_file = "{certs / 'server.key'}"
+
+[metrics]
+host = "127.0.0.1"
+port = {metrics_port}
+{extra}
+""")
+    return path
+
+
+@contextlib.contextmanager
+def running_proxy(config: Path, port: int, log: Path | None = None) -> Iterator[
+        subprocess.Popen[bytes]]:
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--config", str(config)],
+                            stdout=out, stderr=out)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def psql_try(port: int, sslmode: str, rootcert: Path) -> tuple[str, str]:
+    """Connect with the real psql; returns (result, text): result is TLS, plaintext or
+    refused, as the client saw it (psql's \\conninfo names the SSL protocol when in use)."""
+    psql = shutil.which("psql") or find_pg_binary("psql")
+    assert psql
+    conninfo = (f"host=localhost port={port} user=postgres dbname=postgres sslmode={sslmode} "
+                f"sslrootcert={rootcert} connect_timeout=10")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.run([psql, conninfo, "-X", "-c", "\\conninfo"], capture_output=True,
+                          text=True, env=env, timeout=30)
+    if proc.returncode != 0:
+        return "refused", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if "SSL connection (protocol:" in proc.stdout:
+        line = [ln for ln in proc.stdout.splitlines() if "SSL connection" in ln][0]
+        return "TLS", line.strip()
+    return "plaintext", ""
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import certs as certs_mod
+
+    work = Path(args.dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    certs = work / "certs"
+    if not (certs / "server.crt").exists():
+        certs_mod.init(certs)
+    print(f"demo: certificates in {certs}")
+    pg = TempPostgres()
+    try:
+        pg.start()
+        print(f"demo: throwaway PostgreSQL on 127.0.0.1:{pg.port} ({pg.dir})")
+        rows = []
+        failures = 0
+        print("\nTable 3, observed live with psql (libpq) through dwsproxy:\n")
+        print(f"{'ssl':<4} {'require_ssl':<12} {'sslmode':<12} {'observed':<10} details")
+        print("-" * 100)
+        for ssl_on in (True, False):
+            for require in (True, False):
+                port = free_port()
+                cfg = write_config(work / "table3.toml", port=port, backend_port=pg.port,
+                                   certs=certs, ssl=ssl_on, require_ssl=require)
+                with running_proxy(cfg, port, work / "proxy.log"):
+                    for mode in SSLMODES:
+                        result, text = psql_try(port, mode, certs / "cacert.pem")
+                        want = expected(ssl_on, require, mode)
+                        mark = "ok" if result == want else f"MISMATCH (want {want})"
+                        failures += result != want
+                        rows.append((ssl_on, require, mode, result))
+                        print(f"{'on' if ssl_on else 'off':<4} {'on' if require else 'off':<12} "
+                              f"{mode:<12} {result:<10} {mark}  {text[:70]}")
+        print("-" * 100)
+        print(f"{len(rows) - failures}/{len(rows)} cells as the seed's Table 3 says")
+        if args.no_wait:
+            return 1 if failures else 0
+        cfg = write_config(work / "dwsproxy.toml", port=args.port, backend_port=pg.port,
+                           certs=certs, ssl=True, require_ssl=True, metrics_port=9187)
+        with running_proxy(cfg, args.port, work / "proxy.log") as proc:
+            print(f"\ndwsproxy is up with require_ssl = true on 127.0.0.1:{args.port} "
+                  f"(metrics: http://127.0.0.1:9187/metrics). Try:\n"
+                  f"  psql \"host=localhost port={args.port} user=postgres dbname=postgres "
+                  f"sslmode=verify-full sslrootcert={certs / 'cacert.pem'}\"\n"
+                  f"Ctrl-C stops the proxy and the throwaway PostgreSQL.")
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                print("\ndemo: stopping")
+        return 1 if failures else 0
+    finally:
+        pg.stop()
+
+
+def expected(ssl_on: bool, require_ssl: bool, sslmode: str) -> str:
+    """Table 3 of the seed, as the demo prints it."""
+    if not ssl_on:
+        return "plaintext" if sslmode in ("disable", "allow", "prefer") else "refused"
+    if sslmode == "disable":
+        return "refused" if require_ssl else "plaintext"
+    if sslmode == "allow":
+        return "TLS" if require_ssl else "plaintext"
+    return "TLS"

@@ -1,0 +1,171 @@
+"""Every metric of ../shared/spec/metrics.md, declared once, and the HTTP endpoint serving them.
+
+Owns: metric objects and their label values, the byte counters' periodic flush, and the tiny
+HTTP server for GET /metrics and GET /healthz. Must not decide policy or touch client sockets.
+
+With several workers prometheus-client's multiprocess mode is used: the CLI sets
+PROMETHEUS_MULTIPROC_DIR before this module is first imported (the library reads it at import).
+Each `inc()` then writes to an mmap under a lock, so nothing here is called per relayed chunk:
+bytes are summed in plain ints by the relay and flushed once a second and at session end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+
+log = logging.getLogger("dwsproxy.metrics")
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+REJECT_REASONS = (
+    "ssl_required", "ssl_disabled", "client_cert_missing", "client_cert_invalid",
+    "client_cert_revoked", "tls_version", "tls_handshake", "rule", "bad_startup",
+    "startup_timeout", "too_many_connections", "backend_unavailable",
+)
+
+CONNECTIONS = Counter(
+    "dwsproxy_connections_total", "Sessions handed to the backend.",
+    ["encryption", "tls_version", "client_cert"])
+REJECTED = Counter(
+    "dwsproxy_connections_rejected_total", "Connections refused or closed before the backend.",
+    ["reason"])
+ACTIVE = Gauge(
+    "dwsproxy_active_connections", "Client connections open now.", ["encryption"],
+    multiprocess_mode="livesum")
+SSL_REQUESTS = Counter(
+    "dwsproxy_ssl_requests_total", "SSLRequest packets by the answer given.", ["response"])
+HANDSHAKE_SECONDS = Histogram(
+    "dwsproxy_tls_handshake_seconds", "Client-side TLS handshake duration.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BACKEND_CONNECT_SECONDS = Histogram(
+    "dwsproxy_backend_connect_seconds", "TCP connect to the backend.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+BYTES = Counter("dwsproxy_bytes_total", "Bytes relayed.", ["direction"])
+CERT_EXPIRY = Gauge(
+    "dwsproxy_certificate_expiry_timestamp_seconds", "notAfter of the loaded certificates.",
+    ["role", "subject"], multiprocess_mode="mostrecent")
+CRL_NEXT_UPDATE = Gauge(
+    "dwsproxy_crl_next_update_timestamp_seconds", "nextUpdate of the loaded CRLs.", ["issuer"],
+    multiprocess_mode="mostrecent")
+RELOADS = Counter("dwsproxy_config_reloads_total", "Configuration reloads.", ["result"])
+LAST_RELOAD_SUCCESS = Gauge(
+    "dwsproxy_config_last_reload_success_timestamp_seconds",
+    "When the configuration in force was loaded.", multiprocess_mode="mostrecent")
+
+# Pre-create the series a dashboard expects to see at zero.
+for _reason in REJECT_REASONS:
+    REJECTED.labels(_reason)
+for _answer in ("S", "N"):
+    SSL_REQUESTS.labels(_answer)
+for _enc in ("tls", "plain"):
+    ACTIVE.labels(_enc)
+for _result in ("success", "failure"):
+    RELOADS.labels(_result)
+_BYTES_C2B = BYTES.labels("client_to_backend")
+_BYTES_B2C = BYTES.labels("backend_to_client")
+
+
+def accepted(encryption: str, tls_version: str, client_cert: bool) -> None:
+    CONNECTIONS.labels(encryption, tls_version, "verified" if client_cert else "none").inc()
+
+
+def rejected(reason: str) -> None:
+    if reason not in REJECT_REASONS:
+        raise ValueError(f"unknown rejection reason {reason!r}")
+    REJECTED.labels(reason).inc()
+
+
+def ssl_request(answer: str) -> None:
+    SSL_REQUESTS.labels(answer).inc()
+
+
+def active(encryption: str, delta: int) -> None:
+    ACTIVE.labels(encryption).inc(delta)
+
+
+def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
+    if client_to_backend:
+        _BYTES_C2B.inc(client_to_backend)
+    if backend_to_client:
+        _BYTES_B2C.inc(backend_to_client)
+
+
+def config_loaded(server_tls: object | None, *, reload: bool) -> None:
+    """Refresh certificate/CRL gauges from a newly loaded config; count a reload."""
+    CERT_EXPIRY.clear()
+    CRL_NEXT_UPDATE.clear()
+    if server_tls is not None:
+        st = server_tls
+        CERT_EXPIRY.labels("server", st.server_cert.subject).set(st.server_cert.not_after)
+        for ca in st.ca_certs:
+            CERT_EXPIRY.labels("ca", ca.subject).set(ca.not_after)
+        for crl in st.crls:
+            if crl.next_update is not None:
+                CRL_NEXT_UPDATE.labels(crl.issuer).set(crl.next_update)
+    if reload:
+        RELOADS.labels("success").inc()
+    LAST_RELOAD_SUCCESS.set(time.time())
+
+
+def reload_failed() -> None:
+    RELOADS.labels("failure").inc()
+
+
+def registry() -> CollectorRegistry:
+    if not MULTIPROCESS:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg)
+    return reg
+
+
+def mark_process_dead(pid: int) -> None:
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+async def serve_http(host: str, port: int,
+                     healthy: Callable[[], bool]) -> asyncio.AbstractServer:
+    """GET /metrics (Prometheus text) and GET /healthz (200 or 503)."""
+    reg = registry()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            parts = head.split(b"\r\n", 1)[0].split()
+            method = parts[0] if parts else b""
+            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+            if method not in (b"GET", b"HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == b"/metrics":
+                body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, reg)
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
+            elif path == b"/healthz":
+                ok = healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + (body if method != b"HEAD" else b""))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)

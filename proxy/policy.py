@@ -1,0 +1,117 @@
+"""The SSL policy: one pure function from (settings, facts about a connection) to a decision.
+
+Owns: Table 3 of the seed (ssl × require_ssl × what the client did), the client-certificate
+levels, and the `[[rules]]`. Must not do I/O, read the clock or touch metrics: the session
+gathers the facts, this module decides, the session acts.
+
+A refusal is data (`Reject`) carrying the metrics reason, the SQLSTATE and a message that says
+what to change; libpq's sslmode=allow depends on the plaintext refusal being an ErrorResponse.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .config import CLIENTCERT_LEVELS, Rule, TlsConfig
+from .tls import ALPN_POSTGRESQL, CertFacts
+from .wire import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION
+
+
+@dataclass(frozen=True)
+class Facts:
+    encrypted: bool
+    tls_version: str = ""
+    cipher: str = ""
+    direct_tls: bool = False
+    alpn: str | None = None
+    client_cert: CertFacts | None = None
+    user: str = ""
+    database: str = ""
+    application_name: str = ""
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class Allow:
+    rule: int | None = None  # index of the rule that allowed it, None without rules
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str  # a dwsproxy_connections_rejected_total reason
+    sqlstate: str
+    message: str
+    hint: str = ""
+
+
+Decision = Allow | Reject
+
+_SSL_HINT = ("connect with SSL: set sslmode=require (or prefer, verify-ca, verify-full) in the "
+             "connection string or PGSSLMODE")
+
+
+def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
+    if facts.direct_tls and facts.alpn != ALPN_POSTGRESQL:
+        # PostgreSQL 17 requires ALPN on direct TLS, so that a TLS connection meant for another
+        # protocol can never be taken for a PostgreSQL one (ALPACA-style cross-protocol attacks).
+        return Reject("tls_handshake", PROTOCOL_VIOLATION,
+                      "received direct SSL connection request without ALPN protocol "
+                      "negotiation extension",
+                      hint="use a client that sends ALPN \"postgresql\" (libpq 17 or later)")
+    if not facts.encrypted and tls.ssl and tls.require_ssl:
+        return Reject("ssl_required", INVALID_AUTHORIZATION,
+                      "SSL connection is required by the server (require_ssl is on)",
+                      hint=_SSL_HINT)
+    problem = _check_clientcert(tls.clientcert, facts, "the server")
+    if problem is not None:
+        return problem
+    if not rules:
+        return Allow()
+    for rule in rules:
+        if not rule.matches(encrypted=facts.encrypted, user=facts.user, database=facts.database,
+                            application_name=facts.application_name, peer=facts.peer):
+            continue
+        if rule.action == "reject":
+            return Reject("rule", INVALID_AUTHORIZATION,
+                          f"connection refused by {rule.describe()}")
+        if rule.ssl_protocols and facts.tls_version not in rule.ssl_protocols:
+            got = facts.tls_version or "no SSL"
+            return Reject(
+                "tls_version", INVALID_AUTHORIZATION,
+                f"{rule.describe()} requires {' or '.join(rule.ssl_protocols)}, "
+                f"this connection negotiated {got}",
+                hint=("limit the client's TLS version, e.g. "
+                      f"PGSSLMAXPROTOCOLVERSION={rule.ssl_protocols[-1]}")
+                if facts.encrypted else _SSL_HINT,
+            )
+        if rule.clientcert:
+            problem = _check_clientcert(rule.clientcert, facts, rule.describe())
+            if problem is not None:
+                return problem
+        return Allow(rule.index)
+    where = "SSL encryption" if facts.encrypted else "no encryption"
+    return Reject("rule", INVALID_AUTHORIZATION,
+                  f"no rule matches host \"{facts.peer}\", user \"{facts.user}\", database "
+                  f"\"{facts.database}\", application_name \"{facts.application_name}\", {where}")
+
+
+def _check_clientcert(level: str, facts: Facts, who: str) -> Reject | None:
+    """The certificate was already verified (CA, CRL, validity) in the handshake when presented;
+    here: is one required, and for verify-full does it name the user."""
+    if CLIENTCERT_LEVELS.index(level) < CLIENTCERT_LEVELS.index("verify-ca"):
+        return None
+    cert = facts.client_cert
+    if cert is None:
+        return Reject("client_cert_missing", INVALID_AUTHORIZATION,
+                      f"connection requires a valid client certificate ({who}: clientcert="
+                      f"{level})",
+                      hint="connect with SSL and set sslcert and sslkey (PGSSLCERT, PGSSLKEY)")
+    if level == "verify-full" and facts.user not in cert.names():
+        return Reject("client_cert_invalid", INVALID_AUTHORIZATION,
+                      f"certificate authentication failed for user \"{facts.user}\": client "
+                      f"certificate CN \"{cert.common_name}\" does not match the user name "
+                      f"({who}: clientcert=verify-full)",
+                      hint="connect as the user named in the certificate, or use a certificate "
+                           "whose CN (or a SAN) is the user name")
+    return None

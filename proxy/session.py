@@ -1,0 +1,375 @@
+"""One client from its first byte to its close.
+
+Owns: the negotiation (SSLRequest / GSSENCRequest / CancelRequest / direct TLS / StartupMessage),
+gathering the facts the policy needs, acting on its decision (ErrorResponse or backend connect),
+handing both sides to the relay, and recording one outcome: one metric and one log line.
+Must not decide policy (policy.py) nor parse packets itself (wire.py).
+
+The first read is done on the raw, non-blocking socket, before any asyncio transport exists:
+the proxy peeks (MSG_PEEK) at the first byte, so a direct-TLS ClientHello stays in the kernel for
+OpenSSL, and an SSLRequest is read to exactly its 8 bytes. Whatever the client sent past those 8
+bytes before our `S` is a protocol violation (CVE-2021-23214); it is seen in the kernel with a
+non-blocking peek and refused with 08P01 before the handshake. Only then is the socket given to
+`loop.connect_accepted_socket`, with TLS or without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import metrics, policy, tls, wire
+from .relay import Endpoint, link
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .server import ServerState
+
+log = logging.getLogger("dwsproxy.session")
+
+TLS_SHUTDOWN_TIMEOUT = 3.0
+
+
+class Session:
+    def __init__(self, sock: socket.socket, state: ServerState) -> None:
+        self.sock = sock
+        self.state = state
+        self.cfg: Config = state.config  # the config in force at accept, for the whole session
+        self.loop = asyncio.get_running_loop()
+        self.started = time.monotonic()
+        self.client: Endpoint | None = None
+        self.backend: Endpoint | None = None
+        self.startup: wire.StartupMessage | None = None
+        self.peer_addr = ""
+        self.peer_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.encrypted = False
+        self.direct = False
+        self.tls_version = ""
+        self.cipher = ""
+        self.alpn: str | None = None
+        self.client_cert: tls.CertFacts | None = None
+        self.outcome = "closed"
+        self.detail = ""
+        self.linked = False
+        self.bytes_seen = 0
+        self.ssl_refused = False  # we answered an SSLRequest with N
+        self.flushed_c2b = 0
+        self.flushed_b2c = 0
+        self.idle_marker: tuple[int, int] = (0, 0)
+        self.idle_since = time.monotonic()
+
+    # -- entry point ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            self._prepare_socket()
+            try:
+                async with asyncio.timeout(self.cfg.listen.startup_timeout):
+                    allowed = await self._negotiate()
+            except TimeoutError:
+                self._reject("startup_timeout",
+                             f"start-up not finished within {self.cfg.listen.startup_timeout}s")
+                return
+            if allowed:
+                await self._connect_and_relay()
+        except (ConnectionError, OSError) as exc:
+            if not self.linked and self.outcome == "closed":
+                self._reject("bad_startup", f"connection error during start-up: {exc!r}")
+        except asyncio.CancelledError:
+            self.outcome = self.outcome if self.outcome != "closed" else "shutdown"
+            raise
+        except Exception:
+            log.exception("session failed unexpectedly peer=%s", self.peer_addr)
+            self.outcome = "internal_error"
+        finally:
+            self._finish()
+
+    def _prepare_socket(self) -> None:
+        sock = self.sock
+        sock.setblocking(False)
+        try:
+            peer = sock.getpeername()
+            ip = ipaddress.ip_address(peer[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            self.peer_ip = ip
+            self.peer_addr = f"{ip}:{peer[1]}"
+        except (OSError, ValueError, IndexError):
+            self.peer_addr = "unknown"
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    # -- raw socket helpers (negotiation only) ----------------------------------------------------
+    async def _wait_readable(self) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        fd = self.sock.fileno()
+        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self.loop.remove_reader(fd)
+
+    async def _recv(self, n: int, peek: bool = False) -> bytes:
+        flags = socket.MSG_PEEK if peek else 0
+        while True:
+            try:
+                data = self.sock.recv(n, flags)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_readable()
+                continue
+            if not peek:
+                self.bytes_seen += len(data)
+            return data
+
+    def _has_pending_bytes(self) -> bool:
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+
+    async def _read_raw_packet(self) -> wire.Event | None:
+        buf = bytearray()
+        while True:
+            event, _ = wire.parse_startup_packet(buf)
+            if not isinstance(event, wire.NeedMore):
+                return event
+            data = await self._recv(event.count)
+            if not data:
+                return None
+            buf += data
+
+    # -- negotiation ----------------------------------------------------------------------------
+    async def _negotiate(self) -> bool:
+        tls_cfg = self.cfg.tls
+        while True:
+            first = await self._recv(1, peek=True)
+            if not first:
+                if self.ssl_refused:
+                    self._reject("ssl_disabled", "client closed after SSLRequest was answered N "
+                                 "(ssl is off; it requires SSL)")
+                elif self.bytes_seen:
+                    self._reject("bad_startup", "client closed mid-negotiation")
+                else:
+                    self.outcome = "empty"  # a bare TCP connect (port probe): not a rejection
+                return False
+            if first[0] == wire.TLS_HANDSHAKE_BYTE:
+                if not tls_cfg.ssl or not tls_cfg.direct_ssl:
+                    self._reject("ssl_disabled", "direct TLS ClientHello refused: "
+                                 + ("ssl is off" if not tls_cfg.ssl else "direct_ssl is off"))
+                    return False
+                self.direct = True
+                return await self._start_tls()
+            event = await self._read_raw_packet()
+            if event is None:
+                self._reject("bad_startup", "client closed in the middle of a start-up packet")
+                return False
+            if isinstance(event, wire.SSLRequest):
+                if self._has_pending_bytes():
+                    # CVE-2021-23214: bytes sent before our answer could have been injected by a
+                    # man in the middle; never let them reach the TLS or the backend.
+                    metrics.ssl_request("N")
+                    await self._send_raw(wire.error_response(
+                        wire.PROTOCOL_VIOLATION, "received unencrypted data after SSL request"))
+                    self._reject("bad_startup", "unencrypted data after SSLRequest "
+                                 "(CVE-2021-23214)")
+                    return False
+                if tls_cfg.ssl:
+                    metrics.ssl_request("S")
+                    await self._send_raw(wire.SSL_ACCEPT)
+                    return await self._start_tls()
+                metrics.ssl_request("N")
+                self.ssl_refused = True
+                await self._send_raw(wire.SSL_REFUSE)
+                continue
+            if isinstance(event, wire.GSSENCRequest):
+                await self._send_raw(wire.SSL_REFUSE)  # no GSSAPI encryption: the client goes on
+                continue
+            self.client = await self._wrap(ssl_context=None)
+            return await self._handle_first_packet(event)
+
+    async def _wrap(self, ssl_context: ssl.SSLContext | None) -> Endpoint:
+        # The factory hands back our own Endpoint: with ssl=, uvloop returns its internal
+        # SSLProtocol as the "protocol", not the application's.
+        endpoint = Endpoint()
+        if ssl_context is None:
+            await self.loop.connect_accepted_socket(lambda: endpoint, self.sock)
+        else:
+            await self.loop.connect_accepted_socket(
+                lambda: endpoint, self.sock, ssl=ssl_context,
+                ssl_handshake_timeout=self.cfg.listen.startup_timeout,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+        return endpoint
+
+    async def _send_raw(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def _start_tls(self) -> bool:
+        server_tls = self.cfg.server_tls
+        assert server_tls is not None
+        t0 = time.perf_counter()
+        try:
+            self.client = await self._wrap(ssl_context=server_tls.context)
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            reason, text = tls.handshake_failure(exc, server_tls.crls)
+            self._reject(reason, text)
+            return False
+        metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - t0)
+        self.encrypted = True
+        assert self.client.transport is not None
+        sslobj = self.client.transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.tls_version = sslobj.version() or ""
+            cipher = sslobj.cipher()
+            self.cipher = cipher[0] if cipher else ""
+            self.alpn = sslobj.selected_alpn_protocol()
+            self.client_cert = tls.peer_cert_facts(sslobj)
+        event = await self.client.read_packet()
+        if event is None:
+            self._reject("tls_handshake", "client closed right after the TLS handshake "
+                         "(did it reject the server certificate or host name?)")
+            return False
+        if isinstance(event, (wire.SSLRequest, wire.GSSENCRequest)):
+            event = wire.ProtocolViolation("unexpected encryption request inside TLS")
+        return await self._handle_first_packet(event)
+
+    async def _handle_first_packet(self, event: wire.Event) -> bool:
+        if isinstance(event, wire.CancelRequest):
+            await self._forward_cancel(event.raw)
+            return False
+        if isinstance(event, wire.ProtocolViolation):
+            if event.reply:
+                self._send_error(event.sqlstate, event.message)
+            self._reject("bad_startup", event.message)
+            return False
+        assert isinstance(event, wire.StartupMessage)
+        self.startup = event
+        if self.state.sessions_over_limit():
+            self._send_error(wire.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
+                             hint=f"the proxy allows listen.max_connections="
+                                  f"{self.cfg.listen.max_connections} client connections")
+            self._reject("too_many_connections", "max_connections reached")
+            return False
+        facts = policy.Facts(
+            encrypted=self.encrypted, tls_version=self.tls_version, cipher=self.cipher,
+            direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
+            user=event.user, database=event.database,
+            application_name=event.application_name, peer=self.peer_ip)
+        decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
+        if isinstance(decision, policy.Reject):
+            self._send_error(decision.sqlstate, decision.message, hint=decision.hint)
+            self._reject(decision.reason, decision.message)
+            return False
+        return True
+
+    async def _forward_cancel(self, raw: bytes) -> None:
+        # Sessions are relayed 1:1, so the backend's own BackendKeyData reached the client and
+        # the key in this request is the backend's: pass it on unchanged.
+        self.outcome = "cancel_forwarded"
+        backend = self.cfg.backend
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(backend.host, backend.port), backend.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.outcome = "cancel_failed"
+            self.detail = f"backend {backend.address} unreachable: {exc!r}"
+            return
+        writer.write(raw)
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+    # -- backend and relay ----------------------------------------------------------------------
+    async def _connect_and_relay(self) -> None:
+        assert self.client is not None and self.startup is not None
+        backend_cfg = self.cfg.backend
+        t0 = time.perf_counter()
+        try:
+            backend = Endpoint()
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: backend, backend_cfg.host, backend_cfg.port),
+                backend_cfg.connect_timeout)
+            self.backend = backend
+        except (OSError, TimeoutError) as exc:
+            why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
+            self._send_error(
+                wire.CONNECTION_FAILURE,
+                f"could not connect to the database server at {backend_cfg.address}: {why}",
+                hint="the proxy is up but its backend is not; check the database server")
+            self._reject("backend_unavailable", f"backend {backend_cfg.address}: {why}")
+            return
+        metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
+        if self.client.closed.done():
+            self.outcome = "client_gone"
+            self.backend.close()
+            return
+        encryption = "tls" if self.encrypted else "plain"
+        metrics.accepted(encryption, self.tls_version, self.client_cert is not None)
+        metrics.active(encryption, 1)
+        self.linked = True
+        self.outcome = "ok"
+        try:
+            link(self.client, self.backend, self.startup.raw)
+            self.state.live.add(self)
+            await asyncio.gather(self.client.closed, self.backend.closed)
+        finally:
+            self.state.live.discard(self)
+            metrics.active(encryption, -1)
+
+    def flush_bytes(self) -> None:
+        c2b = self.client.received if self.client else 0
+        b2c = self.backend.received if self.backend else 0
+        metrics.add_bytes(c2b - self.flushed_c2b, b2c - self.flushed_b2c)
+        self.flushed_c2b, self.flushed_b2c = c2b, b2c
+
+    def close(self, outcome: str) -> None:
+        self.outcome = outcome
+        for side in (self.client, self.backend):
+            if side is not None:
+                side.close()
+
+    # -- outcome --------------------------------------------------------------------------------
+    def _send_error(self, sqlstate: str, message: str, hint: str = "") -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.write(wire.error_response(sqlstate, message, hint=hint))
+
+    def _reject(self, reason: str, detail: str) -> None:
+        metrics.rejected(reason)
+        self.outcome = reason
+        self.detail = detail
+
+    def _finish(self) -> None:
+        if self.client is not None:
+            self.client.close()  # graceful: an ErrorResponse still queued is flushed first
+        else:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        if self.backend is not None:
+            self.backend.close()
+        self.flush_bytes()
+        self.state.session_ended(self)
+        fields: dict[str, Any] = {
+            "peer": self.peer_addr,
+            "encryption": "tls" if self.encrypted else "plain",
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "direct_tls": self.direct,
+            "client_cert": self.client_cert.subject if self.client_cert else "",
+            "user": self.startup.user if self.startup else "",
+            "database": self.startup.database if self.startup else "",
+            "application_name": self.startup.application_name if self.startup else "",
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "bytes_in": self.flushed_c2b,
+            "bytes_out": self.flushed_b2c,
+            "duration": round(time.monotonic() - self.started, 6),
+        }
+        level = logging.DEBUG if self.outcome == "empty" else logging.INFO
+        log.log(level, "connection closed", extra={"fields": fields})
