@@ -1,0 +1,504 @@
+"""Shared set-up for the benchmarks: a throwaway PostgreSQL with TLS on, a PgBouncer and one or
+more dwsproxy instances in front of it, all on 127.0.0.1, and the clients that measure them.
+
+Used by `bench.py` (the comparison table) and `profile.py` (py-spy under pgbench). Everything
+started here is owned by a `Stack` and stopped by `Stack.close()`, which the callers run in a
+`finally`. No traffic ever leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `proxy` is installed editable, but do not depend on it
+    sys.path.insert(0, str(REPO))
+
+from proxy import certs as certs_mod  # noqa: E402
+from proxy.demo import TempPostgres, find_pg_binary, free_port, wait_port  # noqa: E402
+
+HOST = "127.0.0.1"  # the only address any benchmark traffic goes to
+PG_MAX_CONNECTIONS = 1200
+PGBOUNCER_MAX_CLIENTS = 1200
+PGBOUNCER_POOL_SIZE = 1150
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pgbouncer_binary() -> str | None:
+    return shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+
+
+def client_env() -> dict[str, str]:
+    """The environment for libpq clients: no inherited PG* settings, TLS required."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGSSLMODE="require", PGUSER="postgres", PGDATABASE="postgres",
+               PGCONNECT_TIMEOUT="15", PGAPPNAME="dwsproxy-bench")
+    return env
+
+
+def conninfo(port: int, **extra: str) -> str:
+    parts = {"host": HOST, "port": str(port), "user": "postgres", "dbname": "postgres",
+             "sslmode": "require", **extra}
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    """All descendants of `pid`, from /proc (no psutil needed)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: split after the last ')'
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, Pss) of one process in KiB; (0, 0) if it is gone."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                    break
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                    break
+    except OSError:
+        pass
+    return rss, pss
+
+
+def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
+                 extra_pids: list[int] | None = None) -> None:
+    """SIGTERM, wait, then SIGKILL the process and any descendants we recorded."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{name} did not stop within {timeout}s: killing it")
+            proc.kill()
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+    for pid in extra_pids or []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str  # "direct", "pgbouncer", "dwsproxy", "dwsproxy-w1", ...
+    port: int
+    proc: subprocess.Popen | None = None  # what serves it (None for direct: the postmaster)
+    workers: str = ""
+    log_path: Path | None = None
+    known_children: list[int] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return [self.proc.pid, *children_of(self.proc.pid)]
+
+    def memory(self) -> dict[str, float | int]:
+        pids = self.pids()
+        rss = pss = 0
+        for pid in pids:
+            r, p = memory_kib(pid)
+            rss += r
+            pss += p
+        return {"processes": len(pids), "rss_mb": round(rss / 1024, 1),
+                "pss_mb": round(pss / 1024, 1)}
+
+
+class Stack:
+    """PostgreSQL (TLS on), optionally a PgBouncer, and dwsproxy instances, on 127.0.0.1."""
+
+    def __init__(self, work: Path | None = None) -> None:
+        self.work = work or Path(tempfile.mkdtemp(prefix="dwsproxy-bench-"))
+        os.chmod(self.work, 0o755)  # PgBouncer runs as `postgres` and reads its files here
+        self.certs = self.work / "certs"
+        self.pg: TempPostgres | None = None
+        self.targets: dict[str, Target] = {}
+        self._procs: list[tuple[str, subprocess.Popen, Target | None]] = []
+
+    # -- PostgreSQL --
+    def start_postgres(self) -> Target:
+        certs_mod.init(self.certs)
+        pg = TempPostgres(max_connections=PG_MAX_CONNECTIONS, extra_conf="")
+        self.pg = pg
+        # PostgreSQL refuses a key that is group/world readable or not its own: copy the pair
+        # next to the cluster, owned by the account that runs it, 0600.
+        crt, key = pg.dir / "server.crt", pg.dir / "server.key"
+        shutil.copyfile(self.certs / "server.crt", crt)
+        shutil.copyfile(self.certs / "server.key", key)
+        os.chmod(key, 0o600)
+        os.chmod(crt, 0o644)
+        if pg.as_postgres:
+            for p in (crt, key):
+                shutil.chown(p, "postgres", "postgres")
+        pg.extra_conf = (
+            f"ssl = on\nssl_cert_file = '{crt}'\nssl_key_file = '{key}'\n"
+            # the benchmark opens and closes thousands of sessions: do not log each one
+            "log_connections = off\nlog_disconnections = off\n")
+        pg.start()
+        target = Target("direct", pg.port)
+        self.targets["direct"] = target
+        return target
+
+    def pg_sql(self, query: str) -> str:
+        assert self.pg is not None
+        return self.pg.sql(query)
+
+    def postmaster_pid(self) -> int:
+        assert self.pg is not None
+        return int((self.pg.data / "postmaster.pid").read_text().split()[0])
+
+    def backend_count(self) -> int:
+        """Client backends connected to the cluster now (over TCP: excludes our own psql)."""
+        return int(self.pg_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND client_addr IS NOT NULL"))
+
+    def wait_backends_below(self, limit: int, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        count = self.backend_count()
+        while count >= limit and time.monotonic() < deadline:
+            time.sleep(0.5)
+            count = self.backend_count()
+        return count
+
+    # -- PgBouncer --
+    def start_pgbouncer(self) -> Target:
+        assert self.pg is not None
+        binary = pgbouncer_binary()
+        if binary is None:
+            raise FileNotFoundError("pgbouncer not installed (apt-get install -y pgbouncer)")
+        pdir = self.work / "pgbouncer"
+        pdir.mkdir()
+        port = free_port()
+        # PgBouncer refuses to run as root: it runs as `postgres`, and reads its own copy of the
+        # certificate and key (the cluster's copy, already 0600 and owned by postgres).
+        crt, key = self.pg.dir / "server.crt", self.pg.dir / "server.key"
+        (pdir / "userlist.txt").write_text('"postgres" ""\n')
+        (pdir / "pgbouncer.ini").write_text(f"""[databases]
+* = host={HOST} port={self.pg.port}
+
+[pgbouncer]
+listen_addr = {HOST}
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {pdir / 'userlist.txt'}
+admin_users = postgres
+pool_mode = session
+max_client_conn = {PGBOUNCER_MAX_CLIENTS}
+default_pool_size = {PGBOUNCER_POOL_SIZE}
+max_db_connections = 0
+; give server connections back quickly so that PostgreSQL has room for the next target's
+; 1000 idle sessions (session pooling keeps them otherwise for 600 s)
+server_idle_timeout = 2
+server_check_delay = 30
+ignore_startup_parameters = extra_float_digits,options
+client_tls_sslmode = require
+client_tls_cert_file = {crt}
+client_tls_key_file = {key}
+server_tls_sslmode = disable
+log_connections = 0
+log_disconnections = 0
+logfile = {pdir / 'pgbouncer.log'}
+pidfile = {pdir / 'pgbouncer.pid'}
+""")
+        if os.geteuid() == 0:
+            shutil.chown(pdir, "postgres", "postgres")
+            for p in pdir.iterdir():
+                shutil.chown(p, "postgres", "postgres")
+            user: str | None = "postgres"
+        else:
+            user = None
+        proc = subprocess.Popen([binary, str(pdir / "pgbouncer.ini")], user=user,
+                                group=user, stdout=subprocess.DEVNULL,
+                                stderr=open(pdir / "stderr.log", "wb"))
+        target = Target("pgbouncer", port, proc=proc, log_path=pdir / "stderr.log")
+        self._procs.append(("pgbouncer", proc, target))
+        self._wait_up(target)
+        self.targets["pgbouncer"] = target
+        return target
+
+    # -- dwsproxy --
+    def start_dwsproxy(self, name: str, workers: str) -> Target:
+        assert self.pg is not None
+        port, mport = free_port(), free_port()
+        workers_toml = '"auto"' if workers == "auto" else str(int(workers))
+        cfg = self.work / f"{name}.toml"
+        cfg.write_text(f"""# written by benchmarks/harness.py
+[listen]
+host = "{HOST}"
+port = {port}
+workers = {workers_toml}
+max_connections = 10000
+startup_timeout = 10.0
+shutdown_grace = 1.0
+
+[backend]
+host = "{HOST}"
+port = {self.pg.port}
+sslmode = "disable"
+
+[tls]
+ssl = true
+require_ssl = true
+ssl_cert_file = "{self.certs / 'server.crt'}"
+ssl_key_file = "{self.certs / 'server.key'}"
+
+[metrics]
+host = "{HOST}"
+port = {mport}
+""")
+        exe = REPO / ".venv" / "bin" / "dwsproxy"
+        argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"])
+        logp = self.work / f"{name}.log"
+        proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=open(logp, "wb"), cwd=str(REPO))
+        target = Target(name, port, proc=proc, workers=workers, log_path=logp)
+        self._procs.append((name, proc, target))
+        self._wait_up(target)
+        if workers != "1":
+            # the workers bind after the parent starts them: wait until all are there
+            want = (os.cpu_count() or 1) if workers == "auto" else int(workers)
+            deadline = time.monotonic() + 20
+            while len(children_of(proc.pid)) < want and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+        target.known_children = children_of(proc.pid)
+        self.targets[name] = target
+        return target
+
+    def _wait_up(self, target: Target) -> None:
+        assert target.proc is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if target.proc.poll() is not None:
+                tail = target.log_path.read_text()[-2000:] if target.log_path and \
+                    target.log_path.exists() else ""
+                raise RuntimeError(f"{target.name} exited with {target.proc.returncode}\n{tail}")
+            try:
+                with socket.create_connection((HOST, target.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{target.name} does not listen on {HOST}:{target.port}")
+
+    def check_tls(self, target: Target) -> str:
+        """One psql session over sslmode=require; returns what libpq says about TLS."""
+        psql = shutil.which("psql") or find_pg_binary("psql")
+        assert psql
+        out = subprocess.run([psql, conninfo(target.port), "-X", "-At", "-c", "\\conninfo"],
+                             env=client_env(), capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"{target.name}: psql failed: {out.stderr.strip()}")
+        m = re.search(r"SSL connection \((.*?)\)", out.stdout)
+        if not m:
+            raise RuntimeError(f"{target.name}: psql connected without TLS: {out.stdout!r}")
+        return m.group(1)
+
+    def close(self) -> None:
+        for name, proc, target in reversed(self._procs):
+            extra = list(target.known_children) if target else []
+            try:
+                stop_process(proc, name, extra_pids=extra)
+            except Exception as exc:  # keep stopping the others
+                log(f"stopping {name}: {exc!r}")
+        self._procs.clear()
+        if self.pg is not None:
+            self.pg.stop()
+            self.pg = None
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# --- clients -----------------------------------------------------------------------------------
+
+
+PGBENCH_TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
+
+
+def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
+    """Run pgbench against 127.0.0.1:port over TLS; returns (tps, output)."""
+    exe = shutil.which("pgbench") or find_pg_binary("pgbench")
+    assert exe, "pgbench not found"
+    argv = [exe, "-h", HOST, "-p", str(port), "-U", "postgres", *args, "postgres"]
+    out = subprocess.run(argv, env=client_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    text = out.stdout + out.stderr
+    m = PGBENCH_TPS.search(out.stdout)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"pgbench {' '.join(args)} on port {port} failed "
+                           f"(exit {out.returncode}):\n{text[-2000:]}")
+    return float(m.group(1)), text
+
+
+def copy_out(port: int, rows: int, width: int = 1000, timeout: float = 300.0) -> tuple[float,
+                                                                                       int]:
+    """COPY ~rows*(width+1) bytes TO STDOUT through psql (TLS), output to /dev/null.
+    Returns (seconds, bytes)."""
+    psql = shutil.which("psql") or find_pg_binary("psql")
+    assert psql
+    query = (f"COPY (SELECT repeat('x', {width}) FROM generate_series(1, {rows})) TO STDOUT")
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        out = subprocess.run([psql, conninfo(port), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                              "-c", query], env=client_env(), stdout=devnull,
+                             stderr=subprocess.PIPE, timeout=timeout)
+    elapsed = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"COPY through port {port} failed: {out.stderr.decode()[-2000:]}")
+    return elapsed, rows * (width + 1)
+
+
+def copy_bytes_check(port: int, rows: int = 1000, width: int = 1000) -> int:
+    """Count the bytes a small COPY really produces (to check the size formula once)."""
+    psql = shutil.which("psql") or find_pg_binary("psql")
+    assert psql
+    query = (f"COPY (SELECT repeat('x', {width}) FROM generate_series(1, {rows})) TO STDOUT")
+    out = subprocess.run([psql, conninfo(port), "-X", "-q", "-c", query], env=client_env(),
+                         capture_output=True, timeout=60, check=True)
+    return len(out.stdout)
+
+
+async def _hold_sessions(port: int, count: int, concurrency: int, on_open) -> dict:
+    import psycopg
+
+    sem = asyncio.Semaphore(concurrency)
+    conns: list = []
+    pids: set[int] = set()
+    errors: list[str] = []
+
+    async def one() -> None:
+        async with sem:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    conninfo(port, application_name="dwsproxy-bench-idle"), autocommit=True)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(repr(exc))
+                return
+            conns.append(conn)
+            cur = await conn.execute("SELECT pg_backend_pid(), ssl FROM pg_stat_ssl "
+                                     "WHERE pid = pg_backend_pid()")
+            row = await cur.fetchone()
+            pids.add(row[0])
+            if conn.pgconn.ssl_in_use != 1:
+                errors.append("session without TLS")
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+        opened = time.perf_counter() - t0
+        await asyncio.sleep(1.0)  # let the proxy settle (buffers freed, GC)
+        measured = on_open(len(conns))
+    finally:
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+    return {"opened": len(conns), "backend_pids": len(pids), "open_seconds": round(opened, 2),
+            "errors": errors[:5], "error_count": len(errors), **measured}
+
+
+def hold_idle_sessions(port: int, count: int, on_open, concurrency: int = 32) -> dict:
+    """Open `count` TLS sessions (startup + auth + one query each, each on its own
+    PostgreSQL backend), call on_open(n) while they are all held idle, close them."""
+    return asyncio.run(_hold_sessions(port, count, concurrency, on_open))
+
+
+# --- machine -----------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, str | int]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    pgb = pgbouncer_binary()
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "proxy"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if dirty:
+            git += " (proxy/ modified)"
+    except OSError:
+        git = "unknown"
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "nproc": os.cpu_count() or 0,
+        "cpu_model": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "uvloop": uv,
+        "openssl_python": ssl.OPENSSL_VERSION,
+        "pgbouncer": version([pgb, "--version"]) if pgb else "not installed",
+        "postgresql": version([find_pg_binary("postgres") or "postgres", "--version"]),
+        "pgbench": version([shutil.which("pgbench") or "pgbench", "--version"]),
+        "git_commit": git,
+    }

@@ -1,0 +1,249 @@
+"""Fixtures for integration tests: a real PostgreSQL, throwaway certificates, and the real
+`dwsproxy` command run as a subprocess in front of it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import certs, wire
+from proxy.demo import TempPostgres, find_pg_binary, free_port, wait_port
+
+REPO = Path(__file__).resolve().parents[2]
+PSQL = shutil.which("psql") or find_pg_binary("psql")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[TempPostgres]:
+    missing = [b for b in ("initdb", "pg_ctl", "postgres") if not find_pg_binary(b)]
+    if missing:
+        pytest.skip(f"PostgreSQL server binaries missing: {missing} (make test installs them)")
+    server = TempPostgres(max_connections=300).start()
+    server.sql("CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN")
+    server.sql("CREATE DATABASE app")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pki() -> Iterator[Path]:
+    """cacert.pem, server.crt/.key, client.crt/.key (CN=postgres), crl.pem, in a dir that
+    only we can read."""
+    folder = Path(tempfile.mkdtemp(prefix="dwsproxy-pki-"))
+    certs.init(folder)
+    certs.write_client(folder, certs.load_ca(folder), "alice")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Proxy:
+    """A running `dwsproxy --config FILE` subprocess."""
+
+    def __init__(self, folder: Path, pg_port: int, pki: Path, *, tls: dict[str, Any] | None = None,
+                 listen: dict[str, Any] | None = None, backend: dict[str, Any] | None = None,
+                 rules: list[dict[str, Any]] | None = None, args: list[str] | None = None) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.metrics_port = free_port()
+        sections: dict[str, dict[str, Any]] = {
+            "listen": {"host": "127.0.0.1", "port": self.port, "startup_timeout": 5.0,
+                       **(listen or {})},
+            "backend": {"host": "127.0.0.1", "port": pg_port, "connect_timeout": 3.0,
+                        **(backend or {})},
+            "tls": {"ssl_cert_file": str(pki / "server.crt"),
+                    "ssl_key_file": str(pki / "server.key"), **(tls or {})},
+            "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
+        }
+        text = ""
+        for name, values in sections.items():
+            text += f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+        for rule in rules or []:
+            text += "[[rules]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in rule.items())
+        self.config_path = folder / f"proxy-{self.port}.toml"
+        self.config_path.write_text(text)
+        self.log_path = folder / f"proxy-{self.port}.log"
+        self.pid_file = folder / f"proxy-{self.port}.pid"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(self.config_path), "--pid-file",
+             str(self.pid_file), *(args or [])],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            wait_port(self.port, 20)
+            wait_port(self.metrics_port, 20)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"proxy did not start:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in proxy log:\n{self.log()[-3000:]}")
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}",
+                                        timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """{(sample name, sorted labels): value} from one scrape."""
+        status, text = self.http("/metrics")
+        assert status == 200
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_metric(self, name: str, value: float, timeout: float = 10.0, **labels: str) -> None:
+        deadline = time.monotonic() + timeout
+        got = None
+        while time.monotonic() < deadline:
+            got = self.metric(name, **labels)
+            if got == value:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{name}{labels} = {got}, expected {value}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="dwsproxy-it-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def start_proxy(pg: TempPostgres, pki: Path, workdir: Path) -> Iterator[Callable[..., Proxy]]:
+    started: list[Proxy] = []
+
+    def start(**kw: Any) -> Proxy:
+        proxy = Proxy(workdir, kw.pop("pg_port", pg.port), kw.pop("pki", pki), **kw)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(extra)
+    return env
+
+
+def run_psql(conninfo: str, command: str = "\\conninfo", env: dict[str, str] | None = None,
+             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    if PSQL is None:
+        pytest.skip("psql not installed")
+    return subprocess.run([PSQL, conninfo, "-X", "-At", "-c", command], capture_output=True,
+                          text=True, env=env or clean_env(), timeout=timeout)
+
+
+def raw_connect(port: int, timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def read_until_close(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_message(sock: socket.socket | ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One backend message: (type byte, body)."""
+    head = b""
+    while len(head) < 5:
+        chunk = sock.recv(5 - len(head))
+        if not chunk:
+            raise ConnectionError(f"closed after {head!r}")
+        head += chunk
+    (length,) = struct.unpack("!i", head[1:5])
+    body = b""
+    while len(body) < length - 4:
+        chunk = sock.recv(length - 4 - len(body))
+        if not chunk:
+            raise ConnectionError("closed mid-message")
+        body += chunk
+    return head[:1], body
+
+
+def error_fields(kind: bytes, body: bytes) -> dict[str, str]:
+    assert kind == b"E", f"expected ErrorResponse, got {kind!r}"
+    return wire.parse_error_response(kind + struct.pack("!i", len(body) + 4) + body)
+
+
+def tls_client_context(pki: Path, **kw: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "cacert.pem"))
+    ctx.check_hostname = False
+    for key, value in kw.items():
+        setattr(ctx, key, value)
+    return ctx
+
+
+def ssl_request_handshake(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    sock = raw_connect(port)
+    sock.sendall(wire.build_request(wire.SSL_REQUEST_CODE))
+    assert sock.recv(1) == b"S"
+    return ctx.wrap_socket(sock, server_hostname="localhost")

@@ -1,0 +1,347 @@
+"""Two-way TLS authentication with pgjdbc through dwsproxy.
+
+Owns: the pgjdbc acceptance test: a small Java program (tests/integration/java/JdbcProbe.java),
+compiled here against /usr/share/java/postgresql.jar, connects through the proxy with
+sslmode=verify-ca / verify-full, a client certificate (sslcert PEM, sslkey PKCS-8 DER) and
+sslrootcert, and runs a query. Also the refusals: no client certificate (the proxy's FATAL 28000)
+and a revoked one (the handshake fails).
+
+Skipped only where `java`/`javac` are absent. A missing jar is installed with apt-get
+(libpostgresql-jdbc-java); if it still cannot be had the tests fail rather than skip.
+Fixtures are module-scoped and local to this file: one throwaway PostgreSQL, one certificate
+folder, one proxy with an empty CRL and a second one whose CRL revokes a second client cert.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from proxy import certs as certs_mod
+from proxy.demo import TempPostgres, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_SOURCE = Path(__file__).resolve().parent / "java" / "JdbcProbe.java"
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+JDBC_PACKAGE = "libpostgresql-jdbc-java"
+
+JAVA = shutil.which("java")
+JAVAC = shutil.which("javac")
+
+pytestmark = pytest.mark.skipif(
+    not (JAVA and JAVAC),
+    reason="pgjdbc test needs a JDK: `java` and `javac` not both on PATH "
+           f"(java={JAVA}, javac={JAVAC})")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _apt_install_jdbc() -> str:
+    """Install pgjdbc from the distribution; returns what apt said (for the failure message)."""
+    if not shutil.which("apt-get"):
+        return "apt-get not found"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    said = []
+    install = ["apt-get", "install", "-y", "--no-install-recommends", JDBC_PACKAGE]
+    for argv in (install, ["apt-get", "update"], install):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        said.append(f"$ {' '.join(argv)} -> {proc.returncode}\n{proc.stdout[-1500:]}"
+                    f"{proc.stderr[-1500:]}")
+        if argv is install and proc.returncode == 0 and JDBC_JAR.exists():
+            break
+    return "\n".join(said)
+
+
+def _wait_log(log: Path, needle: str, timeout: float = 10.0) -> str:
+    """The proxy writes its one line per connection when the session ends, which can be a
+    moment after the client exits: poll."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if needle in text:
+            return text
+        time.sleep(0.05)
+    return text
+
+
+@dataclass
+class Proxy:
+    port: int
+    metrics_port: int
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines_for(self, needle: str, timeout: float = 10.0) -> list[str]:
+        text = _wait_log(self.log, needle, timeout)
+        return [ln for ln in text.splitlines() if needle in ln]
+
+
+def _write_config(path: Path, *, port: int, backend_port: int, metrics_port: int,
+                  certs: Path, crl: Path) -> None:
+    path.write_text(f"""# written by tests/integration/test_jdbc.py
+[listen]
+host = "127.0.0.1"
+port = {port}
+
+[backend]
+host = "127.0.0.1"
+port = {backend_port}
+
+[tls]
+ssl = true
+require_ssl = true
+ssl_cert_file = "{certs / 'server.crt'}"
+ssl_key_file = "{certs / 'server.key'}"
+ssl_ca_file = "{certs / 'cacert.pem'}"
+ssl_crl_file = "{crl}"
+clientcert = "verify-ca"
+
+[metrics]
+host = "127.0.0.1"
+port = {metrics_port}
+""")
+
+
+def _start_proxy(folder: Path, name: str, backend_port: int, certs: Path,
+                 crl: Path) -> Proxy:
+    port, metrics_port = free_port(), free_port()
+    config = folder / f"{name}.toml"
+    _write_config(config, port=port, backend_port=backend_port, metrics_port=metrics_port,
+                  certs=certs, crl=crl)
+    log = folder / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "--config", str(config)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        proc.wait(10)
+        pytest.fail(f"proxy {name} did not listen on {port}; its log:\n"
+                    f"{log.read_text(errors='replace')}")
+    if proc.poll() is not None:
+        pytest.fail(f"proxy {name} exited with {proc.returncode}; its log:\n"
+                    f"{log.read_text(errors='replace')}")
+    return Proxy(port, metrics_port, config, log, proc)
+
+
+def _stop_proxy(proxy: Proxy) -> None:
+    if proxy.proc.poll() is None:
+        proxy.proc.send_signal(signal.SIGTERM)
+        try:
+            proxy.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proxy.proc.kill()
+            proxy.proc.wait(10)
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def jdbc_jar() -> Path:
+    if not JDBC_JAR.exists():
+        said = _apt_install_jdbc()
+        if not JDBC_JAR.exists():
+            pytest.fail(f"{JDBC_JAR} is missing and `apt-get install {JDBC_PACKAGE}` did not "
+                        f"provide it:\n{said}")
+    return JDBC_JAR
+
+
+@pytest.fixture(scope="module")
+def probe_classes(jdbc_jar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    classes = tmp_path_factory.mktemp("jdbc-classes")
+    assert JAVAC
+    proc = subprocess.run(
+        [JAVAC, "-cp", str(jdbc_jar), "-d", str(classes), str(PROBE_SOURCE)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"javac failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (classes / "JdbcProbe.class").exists()
+    return classes
+
+
+@pytest.fixture(scope="module")
+def java_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty user.home for the JVM: pgjdbc falls back to ~/.postgresql/postgresql.crt and
+    .pk8 when sslcert/sslkey are not given, and must find nothing there."""
+    return tmp_path_factory.mktemp("jdbc-home")
+
+
+@pytest.fixture(scope="module")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("jdbc-certs")
+    certs_mod.init(folder)
+    return folder
+
+
+@dataclass
+class RevokedCert:
+    cert: Path
+    key: Path
+    serial: int
+    crl: Path
+
+
+@pytest.fixture(scope="module")
+def revoked(cert_dir: Path) -> RevokedCert:
+    """A second client certificate (CN=postgres) from the same CA, and a CRL revoking it, in
+    its own folder so that the first proxy's (empty) crl.pem is left alone."""
+    ca = certs_mod.load_ca(cert_dir)
+    cert, key = certs_mod.issue(ca, "postgres")
+    certs_mod.write_certs(cert_dir / "revoked.crt", cert)
+    certs_mod.write_key(cert_dir / "revoked.pk8", key, der_pkcs8=True)
+    crl_dir = cert_dir / "revoked-crl"
+    crl_dir.mkdir()
+    certs_mod.write_crl(crl_dir / "crl.pem", certs_mod.make_crl(ca, [cert.serial_number]))
+    return RevokedCert(cert_dir / "revoked.crt", cert_dir / "revoked.pk8", cert.serial_number,
+                       crl_dir / "crl.pem")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[TempPostgres]:
+    pg = TempPostgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(postgres: TempPostgres, cert_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    started = _start_proxy(tmp_path_factory.mktemp("jdbc-proxy"), "proxy", postgres.port,
+                           cert_dir, cert_dir / "crl.pem")
+    try:
+        yield started
+    finally:
+        _stop_proxy(started)
+
+
+@pytest.fixture(scope="module")
+def proxy_revoking(postgres: TempPostgres, cert_dir: Path, revoked: RevokedCert,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    started = _start_proxy(tmp_path_factory.mktemp("jdbc-proxy-crl"), "proxy-crl",
+                           postgres.port, cert_dir, revoked.crl)
+    try:
+        yield started
+    finally:
+        _stop_proxy(started)
+
+
+@pytest.fixture(scope="module")
+def run_probe(jdbc_jar: Path, probe_classes: Path, java_home: Path):  # type: ignore[no-untyped-def]
+    def run(url: str, **props: str) -> subprocess.CompletedProcess[str]:
+        assert JAVA
+        argv = [JAVA, f"-Duser.home={java_home}", "-cp", f"{jdbc_jar}{os.pathsep}{probe_classes}",
+                "JdbcProbe", url, *(f"{k}={v}" for k, v in props.items())]
+        # No PG* variables: the probe's connection must be exactly what its arguments say.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["HOME"] = str(java_home)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    return run
+
+
+def _show(proc: subprocess.CompletedProcess[str], proxy: Proxy) -> str:
+    return (f"exit {proc.returncode}\n--- probe stdout ---\n{proc.stdout}\n--- probe stderr ---\n"
+            f"{proc.stderr}\n--- proxy log ---\n{proxy.log_text()}")
+
+
+def _url(host: str, port: int) -> str:
+    return f"jdbc:postgresql://{host}:{port}/postgres"
+
+
+def _common(cert_dir: Path) -> dict[str, str]:
+    # pgjdbc puts application_name in the StartupMessage only when it may assume a server
+    # >= 9.0 (otherwise it sends `SET application_name` after login, which the proxy never
+    # parses): with it, the proxy's one log line per connection names the probe that made it.
+    return {"user": "postgres", "sslrootcert": str(cert_dir / "cacert.pem"),
+            "connectTimeout": "20", "socketTimeout": "30", "loginTimeout": "30",
+            "assumeMinServerVersion": "10", "ApplicationName": "jdbc-probe"}
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+def test_verify_ca_with_client_certificate(run_probe, proxy: Proxy, cert_dir: Path) -> None:
+    proc = run_probe(_url("127.0.0.1", proxy.port), **_common(cert_dir), sslmode="verify-ca",
+                     sslcert=str(cert_dir / "client.crt"), sslkey=str(cert_dir / "client.pk8"))
+    assert proc.returncode == 0, _show(proc, proxy)
+    assert "result: jdbc-ok postgres" in proc.stdout, _show(proc, proxy)
+    assert "ssl: true protocol=TLSv1." in proc.stdout, _show(proc, proxy)
+    assert "client_cert: CN=postgres" in proc.stdout, _show(proc, proxy)
+    # The proxy saw and verified the certificate, and relayed the session.
+    lines = [ln for ln in proxy.lines_for("outcome=ok")
+             if "application_name=jdbc-probe" in ln and "CN=postgres" in ln]
+    assert lines, _show(proc, proxy)
+    assert "encryption=tls" in lines[-1]
+
+
+def test_verify_ca_without_client_certificate_is_refused(run_probe, proxy: Proxy,
+                                                         cert_dir: Path,
+                                                         java_home: Path) -> None:
+    # No sslcert/sslkey: pgjdbc would look in ~/.postgresql/ (user.home is an empty folder), so
+    # it offers no certificate at all.
+    assert not (java_home / ".postgresql").exists()
+    props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-nocert"}
+    proc = run_probe(_url("127.0.0.1", proxy.port), **props, sslmode="verify-ca")
+    assert proc.returncode == 1, _show(proc, proxy)
+    assert "result: jdbc-ok" not in proc.stdout
+    assert "error: sqlstate=28000" in proc.stdout, _show(proc, proxy)
+    assert "connection requires a valid client certificate" in proc.stdout, _show(proc, proxy)
+    # The refusal came from the proxy's policy after a good handshake, with no certificate.
+    lines = [ln for ln in proxy.lines_for("outcome=client_cert_missing")
+             if "application_name=jdbc-probe-nocert" in ln]
+    assert lines, _show(proc, proxy)
+    assert 'client_cert=""' in lines[-1] and "encryption=tls" in lines[-1], lines[-1]
+
+
+def test_verify_full_against_localhost(run_probe, proxy: Proxy, cert_dir: Path) -> None:
+    props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-full"}
+    proc = run_probe(_url("localhost", proxy.port), **props, sslmode="verify-full",
+                     sslcert=str(cert_dir / "client.crt"), sslkey=str(cert_dir / "client.pk8"))
+    assert proc.returncode == 0, _show(proc, proxy)
+    assert "result: jdbc-ok postgres" in proc.stdout, _show(proc, proxy)
+    assert "ssl: true" in proc.stdout and "server_cert: CN=localhost" in proc.stdout, \
+        _show(proc, proxy)
+    lines = [ln for ln in proxy.lines_for("outcome=ok")
+             if "application_name=jdbc-probe-full" in ln]
+    assert lines, _show(proc, proxy)
+
+
+def test_revoked_client_certificate_is_refused(run_probe, proxy_revoking: Proxy,
+                                               cert_dir: Path, revoked: RevokedCert) -> None:
+    props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-revoked"}
+    proc = run_probe(_url("127.0.0.1", proxy_revoking.port), **props, sslmode="verify-ca",
+                     sslcert=str(revoked.cert), sslkey=str(revoked.key))
+    assert proc.returncode != 0, _show(proc, proxy_revoking)
+    assert "result: jdbc-ok" not in proc.stdout
+    output = (proc.stdout + proc.stderr).lower()
+    assert "ssl" in output or "certificate" in output, _show(proc, proxy_revoking)
+    # The proxy refused it in the handshake, for the revocation.
+    lines = proxy_revoking.lines_for("outcome=client_cert_revoked")
+    assert lines, _show(proc, proxy_revoking)
+    assert "client certificate revoked" in lines[-1], lines[-1]
+
+
+def test_revoking_proxy_still_accepts_the_good_certificate(run_probe, proxy_revoking: Proxy,
+                                                           cert_dir: Path) -> None:
+    """The CRL revokes one serial, not the CA: the first client certificate still works."""
+    props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-crl-ok"}
+    proc = run_probe(_url("127.0.0.1", proxy_revoking.port), **props, sslmode="verify-ca",
+                     sslcert=str(cert_dir / "client.crt"), sslkey=str(cert_dir / "client.pk8"))
+    assert proc.returncode == 0, _show(proc, proxy_revoking)
+    assert "result: jdbc-ok postgres" in proc.stdout, _show(proc, proxy_revoking)

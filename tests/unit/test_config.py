@@ -1,0 +1,192 @@
+"""Config loading: every error names its key; the CLI exits 2 with one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import certs, config
+from proxy.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def bundle(tmp_path: Path) -> Path:
+    certs.init(tmp_path / "certs")
+    return tmp_path
+
+
+def write(tmp: Path, text: str) -> Path:
+    path = tmp / "dwsproxy.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+[tls]
+ssl_cert_file = "certs/server.crt"
+ssl_key_file = "certs/server.key"
+"""
+
+
+def load_error(tmp: Path, text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config.load(str(write(tmp, text)))
+    return info.value
+
+
+def test_minimal_config_loads_with_relative_paths(bundle: Path) -> None:
+    cfg = config.load(str(write(bundle, BASE)))
+    assert cfg.tls.ssl_cert_file == str(bundle / "certs" / "server.crt")
+    assert cfg.server_tls is not None and cfg.listen.port == 6432 and cfg.rules == ()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(str(tmp_path / "nope.toml"))
+
+
+def test_unknown_key(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "sslmode = 'require'\n")
+    assert err.key == "tls.sslmode" and "unknown key" in str(err)
+
+
+def test_unknown_section(bundle: Path) -> None:
+    assert load_error(bundle, BASE + "[pool]\nsize = 1\n").key == "pool"
+
+
+def test_bad_version_name(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "ssl_min_protocol_version = 'TLSv1.1'\n")
+    assert err.key == "tls.ssl_min_protocol_version" and "TLSv1.1" in str(err)
+
+
+def test_max_below_min(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "ssl_min_protocol_version = 'TLSv1.3'\n"
+                     "ssl_max_protocol_version = 'TLSv1.2'\n")
+    assert err.key == "tls.ssl_max_protocol_version"
+
+
+def test_missing_ca_file(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "ssl_ca_file = 'certs/nope.pem'\nclientcert = 'verify-ca'\n")
+    assert err.key == "tls.ssl_ca_file" and "no such file" in str(err)
+
+
+def test_clientcert_needs_ca(bundle: Path) -> None:
+    assert load_error(bundle, BASE + "clientcert = 'verify-ca'\n").key == "tls.ssl_ca_file"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_group_or_world_readable_key_refused(bundle: Path, mode: int) -> None:
+    os.chmod(bundle / "certs" / "server.key", mode)
+    err = load_error(bundle, BASE)
+    assert err.key == "tls.ssl_key_file" and "chmod 600" in str(err)
+
+
+def test_wrong_types(bundle: Path) -> None:
+    assert load_error(bundle, "[listen]\nport = 'x'\n" + BASE).key == "listen.port"
+    assert load_error(bundle, "[listen]\nmax_connections = 0\n" + BASE).key == \
+        "listen.max_connections"
+    assert load_error(bundle, BASE + "ssl = 3\n").key == "tls.ssl"
+
+
+def test_backend_tls_not_supported_yet(bundle: Path) -> None:
+    err = load_error(bundle, "[backend]\nsslmode = 'require'\n" + BASE)
+    assert err.key == "backend.sslmode" and "not supported yet" in str(err)
+
+
+def test_rules_validation(bundle: Path) -> None:
+    assert load_error(bundle, BASE + "[[rules]]\nuser = 'x'\n").key == "rules[1].action"
+    assert load_error(bundle, BASE + "[[rules]]\naddress = '10.0.0.0/33'\naction = 'allow'\n"
+                      ).key == "rules[1].address"
+    assert load_error(bundle, BASE + "[[rules]]\nfoo = 1\naction = 'allow'\n").key == \
+        "rules[1].foo"
+    err = load_error(bundle, BASE + "ssl_min_protocol_version = 'TLSv1.3'\n[[rules]]\n"
+                     "ssl_protocols = ['TLSv1.2']\naction = 'allow'\n")
+    assert err.key == "rules[1].ssl_protocols"
+
+
+def test_bad_ciphers(bundle: Path) -> None:
+    assert load_error(bundle, BASE + "ssl_ciphers = 'NOPE-CIPHER'\n").key == "tls.ssl_ciphers"
+
+
+def test_encrypted_key_with_passphrase_file(bundle: Path) -> None:
+    ca = certs.make_ca("root")
+    cert, key = certs.issue(ca, "localhost", server=True)
+    certs.write_certs(bundle / "enc.crt", cert)
+    certs.write_key(bundle / "enc.key", key, passphrase=b"s3cret pass")
+    (bundle / "pass").write_text("s3cret pass\n")
+    base = ("[tls]\nssl_cert_file = 'enc.crt'\nssl_key_file = 'enc.key'\n")
+    assert config.load(str(write(bundle, base + "ssl_passphrase_file = 'pass'\n"))).server_tls
+    (bundle / "wrong").write_text("nope\n")
+    err = load_error(bundle, base + "ssl_passphrase_file = 'wrong'\n")
+    assert err.key == "tls.ssl_passphrase_file" and "wrong passphrase" in str(err)
+    err = load_error(bundle, base)
+    assert err.key == "tls.ssl_key_file" and "encrypted" in str(err)
+
+
+def test_crl_dir_reads_pem_and_der(bundle: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    ca = certs.load_ca(bundle / "certs")
+    crl_dir = bundle / "crls"
+    crl_dir.mkdir()
+    certs.write_crl(crl_dir / "a.pem", certs.make_crl(ca))
+    other = certs.make_ca("other root")
+    (crl_dir / "b.crl").write_bytes(
+        certs.make_crl(other).public_bytes(serialization.Encoding.DER))
+    (crl_dir / "README").write_text("ignored")
+    cfg = config.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
+                                "ssl_crl_dir = 'crls'\nclientcert = 'verify-ca'\n")))
+    assert sorted(c.issuer for c in cfg.server_tls.crls) == [
+        "CN=dwsproxy root CA,O=dwsproxy", "CN=other root,O=dwsproxy"]
+
+
+def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
+    text = (REPO / "config" / "dwsproxy.toml").read_text()
+    certs.init(tmp_path / "certs")
+    cfg = config.load(str(write(tmp_path, text)))
+    assert cfg.rules[0].application_name == "gsql" and cfg.rules[0].ssl_protocols == ("TLSv1.2",)
+
+
+@pytest.mark.parametrize("text,key", [
+    (BASE + "bogus = 1\n", "tls.bogus"),
+    (BASE + "ssl_max_protocol_version = 'SSLv3'\n", "tls.ssl_max_protocol_version"),
+])
+def test_cli_exits_2_with_one_line(bundle: Path, text: str, key: str) -> None:
+    path = write(bundle, text)
+    for argv in (["--config", str(path)], ["check-config", str(path)]):
+        proc = subprocess.run([sys.executable, "-m", "proxy", *argv], capture_output=True,
+                              text=True, cwd=REPO, timeout=30)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"config error: {key}:")
+
+
+def test_cli_missing_file_and_group_readable_key(bundle: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "proxy", "--config", str(bundle / "no.toml")],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+    os.chmod(bundle / "certs" / "server.key", 0o640)
+    proc = subprocess.run([sys.executable, "-m", "proxy", "check-config",
+                           str(write(bundle, BASE))], capture_output=True, text=True, cwd=REPO,
+                          timeout=30)
+    assert proc.returncode == 2 and proc.stderr.startswith("config error: tls.ssl_key_file:")
+
+
+def test_certs_cli_writes_private_keys_0600(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "proxy", "certs", *a],  # noqa: E731
+                                    capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run("init", str(out)).returncode == 0
+    assert run("client", str(out), "--cn", "alice").returncode == 0
+    for key in ("cakey.pem", "server.key", "client.key", "client.pk8", "alice.key"):
+        assert (out / key).stat().st_mode & 0o777 == 0o600
+    assert run("revoke", str(out), str(out / "alice.crt")).returncode == 0
+    from cryptography import x509
+
+    crl = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+    alice = x509.load_pem_x509_certificate((out / "alice.crt").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(alice.serial_number) is not None
