@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,8 @@ def _apt_install_jdbc() -> str:
     said = []
     install = ["apt-get", "install", "-y", "--no-install-recommends", JDBC_PACKAGE]
     for argv in (install, ["apt-get", "update"], install):
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600,
+                              check=False)
         said.append(f"$ {' '.join(argv)} -> {proc.returncode}\n{proc.stdout[-1500:]}"
                     f"{proc.stderr[-1500:]}")
         if argv is install and proc.returncode == 0 and JDBC_JAR.exists():
@@ -168,7 +169,7 @@ def probe_classes(jdbc_jar: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     assert JAVAC
     proc = subprocess.run(
         [JAVAC, "-cp", str(jdbc_jar), "-d", str(classes), str(PROBE_SOURCE)],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, f"javac failed:\n{proc.stdout}\n{proc.stderr}"
     assert (classes / "JdbcProbe.class").exists()
     return classes
@@ -243,8 +244,11 @@ def proxy_revoking(postgres: TempPostgres, cert_dir: Path, revoked: RevokedCert,
         _stop_proxy(started)
 
 
+ProbeRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
 @pytest.fixture(scope="module")
-def run_probe(jdbc_jar: Path, probe_classes: Path, java_home: Path):  # type: ignore[no-untyped-def]
+def run_probe(jdbc_jar: Path, probe_classes: Path, java_home: Path) -> ProbeRunner:
     def run(url: str, **props: str) -> subprocess.CompletedProcess[str]:
         assert JAVA
         argv = [JAVA, f"-Duser.home={java_home}", "-cp", f"{jdbc_jar}{os.pathsep}{probe_classes}",
@@ -252,7 +256,8 @@ def run_probe(jdbc_jar: Path, probe_classes: Path, java_home: Path):  # type: ig
         # No PG* variables: the probe's connection must be exactly what its arguments say.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["HOME"] = str(java_home)
-        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env,
+                              check=False)
     return run
 
 
@@ -276,7 +281,8 @@ def _common(cert_dir: Path) -> dict[str, str]:
 
 # -- tests -------------------------------------------------------------------------------------
 
-def test_verify_ca_with_client_certificate(run_probe, proxy: Proxy, cert_dir: Path) -> None:
+def test_verify_ca_with_client_certificate(run_probe: ProbeRunner, proxy: Proxy,
+                                           cert_dir: Path) -> None:
     proc = run_probe(_url("127.0.0.1", proxy.port), **_common(cert_dir), sslmode="verify-ca",
                      sslcert=str(cert_dir / "client.crt"), sslkey=str(cert_dir / "client.pk8"))
     assert proc.returncode == 0, _show(proc, proxy)
@@ -290,7 +296,7 @@ def test_verify_ca_with_client_certificate(run_probe, proxy: Proxy, cert_dir: Pa
     assert "encryption=tls" in lines[-1]
 
 
-def test_verify_ca_without_client_certificate_is_refused(run_probe, proxy: Proxy,
+def test_verify_ca_without_client_certificate_is_refused(run_probe: ProbeRunner, proxy: Proxy,
                                                          cert_dir: Path,
                                                          java_home: Path) -> None:
     # No sslcert/sslkey: pgjdbc would look in ~/.postgresql/ (user.home is an empty folder), so
@@ -309,7 +315,8 @@ def test_verify_ca_without_client_certificate_is_refused(run_probe, proxy: Proxy
     assert 'client_cert=""' in lines[-1] and "encryption=tls" in lines[-1], lines[-1]
 
 
-def test_verify_full_against_localhost(run_probe, proxy: Proxy, cert_dir: Path) -> None:
+def test_verify_full_against_localhost(run_probe: ProbeRunner, proxy: Proxy,
+                                       cert_dir: Path) -> None:
     props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-full"}
     proc = run_probe(_url("localhost", proxy.port), **props, sslmode="verify-full",
                      sslcert=str(cert_dir / "client.crt"), sslkey=str(cert_dir / "client.pk8"))
@@ -322,7 +329,7 @@ def test_verify_full_against_localhost(run_probe, proxy: Proxy, cert_dir: Path) 
     assert lines, _show(proc, proxy)
 
 
-def test_revoked_client_certificate_is_refused(run_probe, proxy_revoking: Proxy,
+def test_revoked_client_certificate_is_refused(run_probe: ProbeRunner, proxy_revoking: Proxy,
                                                cert_dir: Path, revoked: RevokedCert) -> None:
     props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-revoked"}
     proc = run_probe(_url("127.0.0.1", proxy_revoking.port), **props, sslmode="verify-ca",
@@ -337,7 +344,8 @@ def test_revoked_client_certificate_is_refused(run_probe, proxy_revoking: Proxy,
     assert "client certificate revoked" in lines[-1], lines[-1]
 
 
-def test_revoking_proxy_still_accepts_the_good_certificate(run_probe, proxy_revoking: Proxy,
+def test_revoking_proxy_still_accepts_the_good_certificate(run_probe: ProbeRunner,
+                                                           proxy_revoking: Proxy,
                                                            cert_dir: Path) -> None:
     """The CRL revokes one serial, not the CA: the first client certificate still works."""
     props = _common(cert_dir) | {"ApplicationName": "jdbc-probe-crl-ok"}
