@@ -26,6 +26,8 @@ class Facts:
     direct_tls: bool = False
     alpn: str | None = None
     client_cert: CertFacts | None = None
+    # (reason, message) when a presented certificate failed the CRL check after the handshake
+    client_cert_error: tuple[str, str] | None = None
     user: str = ""
     database: str = ""
     application_name: str = ""
@@ -63,6 +65,11 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
         return Reject("ssl_required", INVALID_AUTHORIZATION,
                       "SSL connection is required by the server (require_ssl is on)",
                       hint=_SSL_HINT)
+    if facts.client_cert_error is not None:
+        # A certificate that was presented must be good, whatever clientcert says.
+        reason, message = facts.client_cert_error
+        return Reject(reason, INVALID_AUTHORIZATION, message,
+                      hint="use a valid, unrevoked client certificate (PGSSLCERT, PGSSLKEY)")
     problem = _check_clientcert(tls.clientcert, facts, "the server")
     if problem is not None:
         return problem

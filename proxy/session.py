@@ -53,6 +53,7 @@ class Session:
         self.cipher = ""
         self.alpn: str | None = None
         self.client_cert: tls.CertFacts | None = None
+        self.cert_error: tuple[str, str] | None = None
         self.outcome = "closed"
         self.detail = ""
         self.linked = False
@@ -211,13 +212,21 @@ class Session:
     async def _start_tls(self) -> bool:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
+        # A second descriptor of the socket outlives the transport, which closes its own on a
+        # failed handshake: through it the session sends the TLS alert the transport dropped.
+        alert_sock = self.sock.dup()
         t0 = time.perf_counter()
         try:
             self.client = await self._wrap(ssl_context=server_tls.context)
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            reason, text = tls.handshake_failure(exc, server_tls.crls)
+            _send_alert(alert_sock, getattr(exc, "dwsproxy_alert", b""))
+            reason, text = tls.handshake_failure(exc)
             self._reject(reason, text)
             return False
+        except BaseException:
+            alert_sock.close()
+            raise
+        alert_sock.close()
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - t0)
         self.encrypted = True
         assert self.client.transport is not None
@@ -228,6 +237,8 @@ class Session:
             self.cipher = cipher[0] if cipher else ""
             self.alpn = sslobj.selected_alpn_protocol()
             self.client_cert = tls.peer_cert_facts(sslobj)
+            if self.client_cert is not None:
+                self.cert_error = tls.check_revocation(server_tls, sslobj, time.time())
         event = await self.client.read_packet()
         if event is None:
             self._reject("tls_handshake", "client closed right after the TLS handshake "
@@ -257,6 +268,7 @@ class Session:
         facts = policy.Facts(
             encrypted=self.encrypted, tls_version=self.tls_version, cipher=self.cipher,
             direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
+            client_cert_error=self.cert_error,
             user=event.user, database=event.database,
             application_name=event.application_name, peer=self.peer_ip)
         decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
@@ -373,3 +385,20 @@ class Session:
         }
         level = logging.DEBUG if self.outcome == "empty" else logging.INFO
         log.log(level, "connection closed", extra={"fields": fields})
+
+
+def _send_alert(sock: socket.socket, alert: bytes) -> None:
+    """Send the alert record of a failed handshake, then FIN; never blocks, never raises."""
+    try:
+        if alert:
+            sock.setblocking(False)
+            sock.send(alert)
+            sock.shutdown(socket.SHUT_WR)
+            # Read what the client already sent, so that the close is a FIN, not an RST that
+            # could overtake the alert in the client's receive queue.
+            while sock.recv(65536):
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()

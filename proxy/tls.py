@@ -8,17 +8,14 @@ failed. Must not do socket I/O or decide policy.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import ssl
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from .config import ConfigError, TlsConfig
@@ -28,11 +25,7 @@ log = logging.getLogger("dwsproxy.tls")
 ALPN_POSTGRESQL = "postgresql"
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
-# OpenSSL X509_V_ERR_* codes that the metrics and messages tell apart (x509_vfy.h).
-X509_V_ERR_UNABLE_TO_GET_CRL = 3
-X509_V_ERR_CERT_NOT_YET_VALID = 9
-X509_V_ERR_CERT_HAS_EXPIRED = 10
-X509_V_ERR_CRL_HAS_EXPIRED = 12
+# OpenSSL X509_V_ERR_CERT_REVOKED (x509_vfy.h): a CRL in the CA file would make OpenSSL say it.
 X509_V_ERR_CERT_REVOKED = 23
 
 
@@ -58,27 +51,40 @@ class CrlFacts:
 @dataclass(frozen=True)
 class ServerTls:
     context: ssl.SSLContext
+    crl_by_issuer: dict[x509.Name, x509.CertificateRevocationList]
     server_cert: CertFacts
     ca_certs: tuple[CertFacts, ...]
     crls: tuple[CrlFacts, ...]
 
 
-class ChainCapturingSSLObject(ssl.SSLObject):
-    """Keeps the client's unverified chain on a failed verification, so that the log can say
-    which certificate (and which issuer without a CRL) was refused. asyncio and uvloop both create
-    their SSLObject through `SSLContext.wrap_bio`, which honours `sslobject_class`; the chain
-    accessor is CPython's private `_ssl._SSLSocket.get_unverified_chain` (public from 3.13)."""
+class AlertKeepingSSLObject(ssl.SSLObject):
+    """Keeps the TLS alert OpenSSL wrote when a handshake fails.
+
+    asyncio's and uvloop's SSL protocols drop the outgoing buffer on a handshake error
+    (python/cpython#98078), so the client never reads *why* (certificate_expired, unknown_ca…)
+    and reports an unexpected EOF. Both create their SSLObject through `SSLContext.wrap_bio`,
+    which honours `sslobject_class`: this subclass takes the pending bytes (the alert record)
+    out of the outgoing BIO and hangs them on the exception, for the session to send itself.
+    """
+
+    _outgoing: ssl.MemoryBIO
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]
+                server_side: bool = False, server_hostname: str | None = None,
+                session: ssl.SSLSession | None = None,
+                context: ssl.SSLContext | None = None) -> "AlertKeepingSSLObject":
+        obj = super()._create(incoming, outgoing, server_side,  # type: ignore[misc]
+                              server_hostname, session, context)
+        obj._outgoing = outgoing
+        return obj  # type: ignore[no-any-return]
 
     def do_handshake(self) -> None:
         try:
             super().do_handshake()
-        except ssl.SSLCertVerificationError as exc:
-            try:
-                chain = self._sslobj.get_unverified_chain() or []  # type: ignore[attr-defined]
-                exc.dwsproxy_chain = [c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore
-                                      for c in chain]
-            except Exception:  # diagnostics only: never turn a refusal into a crash
-                pass
+        except ssl.SSLError as exc:
+            if not isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
+                exc.dwsproxy_alert = self._outgoing.read()  # type: ignore[attr-defined]
             raise
 
 
@@ -202,7 +208,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
                     | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET)
     ctx.num_tickets = 0
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
-    ctx.sslobject_class = ChainCapturingSSLObject
+    ctx.sslobject_class = AlertKeepingSSLObject
 
     server_certs = _read_pem_certs(tls.ssl_cert_file, "tls.ssl_cert_file")
     check_key_permissions(tls.ssl_key_file)
@@ -236,13 +242,20 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
         # Asked for and verified when presented; a missing certificate is refused after the
         # handshake with an ErrorResponse (PostgreSQL does the same), so the client reads why.
         ctx.verify_mode = ssl.CERT_OPTIONAL
+        # CRLs are checked after the handshake (check_revocation), not by OpenSSL inside it:
+        # a refusal is then an ErrorResponse that names the revoked certificate or the issuer
+        # whose CRL is missing, which a TLS alert cannot say (OpenSSL also frees the peer chain
+        # of a failed verification, so the log could not name it either).
         if crls:
-            _load_crls_into(ctx, crls)
-            # Every CA in the chain must have a CRL: fail closed, as PostgreSQL does.
-            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
             _warn_cas_without_crl(ca_certs, crls)
+    by_issuer: dict[x509.Name, x509.CertificateRevocationList] = {}
+    for crl in crls:  # the newest CRL of each issuer counts
+        old = by_issuer.get(crl.issuer)
+        if old is None or crl.last_update_utc > old.last_update_utc:
+            by_issuer[crl.issuer] = crl
     return ServerTls(
         context=ctx,
+        crl_by_issuer=by_issuer,
         server_cert=cert_facts(server_certs[0]),
         ca_certs=tuple(cert_facts(c) for c in ca_certs),
         crls=tuple(
@@ -255,16 +268,6 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
     )
 
 
-def _load_crls_into(ctx: ssl.SSLContext, crls: list[x509.CertificateRevocationList]) -> None:
-    # load_verify_locations(cadata=) takes certificates only; a PEM file may hold CRLs, so the
-    # CRLs (PEM or DER in the sources) go through one private temporary PEM file.
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls)
-    with tempfile.NamedTemporaryFile(prefix="dwsproxy-crl-", suffix=".pem") as tmp:
-        tmp.write(pem)
-        tmp.flush()
-        ctx.load_verify_locations(cafile=tmp.name)
-
-
 def _warn_cas_without_crl(cas: list[x509.Certificate],
                           crls: list[x509.CertificateRevocationList]) -> None:
     issuers = {c.issuer for c in crls}
@@ -274,29 +277,56 @@ def _warn_cas_without_crl(cas: list[x509.Certificate],
                         "refused (CRL checking fails closed)", name_to_str(ca.subject))
 
 
-def handshake_failure(exc: BaseException, crls: tuple[CrlFacts, ...] = ()) -> tuple[str, str]:
+def handshake_failure(exc: BaseException) -> tuple[str, str]:
     """(metrics reason, one-line explanation for the log) of a failed server-side handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        chain = [x509.load_der_x509_certificate(d) for d in getattr(exc, "dwsproxy_chain", [])]
-        leaf = f" subject={name_to_str(chain[0].subject)!r}" if chain else ""
-        if code == X509_V_ERR_CERT_REVOKED:
-            return "client_cert_revoked", f"client certificate revoked{leaf}"
-        if code == X509_V_ERR_UNABLE_TO_GET_CRL:
-            loaded = {c.issuer for c in crls}
-            missing = [name_to_str(c.issuer) for c in chain
-                       if name_to_str(c.issuer) not in loaded]
-            which = f" issuer without a CRL: {missing[0]!r}" if missing else ""
-            return "client_cert_invalid", (
-                f"client certificate refused: no CRL loaded for a CA in its chain;{which}{leaf}")
-        return "client_cert_invalid", f"client certificate invalid: {exc.verify_message}{leaf}"
+        if exc.verify_code == X509_V_ERR_CERT_REVOKED:
+            return "client_cert_revoked", "client certificate revoked"
+        return "client_cert_invalid", f"client certificate invalid: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
         if "VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
             return "tls_version", f"TLS handshake failed: {exc.reason}"
         return "tls_handshake", f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "startup_timeout", "TLS handshake not finished in time"
     return "tls_handshake", f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+def verified_chain(ssl_object: ssl.SSLObject) -> list[x509.Certificate]:
+    """The chain OpenSSL verified, leaf first, trust anchor last."""
+    getter = getattr(ssl_object, "get_verified_chain", None)  # public from Python 3.13
+    if getter is None:
+        getter = ssl_object._sslobj.get_verified_chain  # type: ignore[attr-defined]
+    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore
+            for c in getter() or []]
+
+
+def check_revocation(server_tls: ServerTls, ssl_object: ssl.SSLObject,
+                     now: float) -> tuple[str, str] | None:
+    """CRL check of every certificate of a verified client chain, the trust anchor included,
+    as OpenSSL's X509_V_FLAG_CRL_CHECK_ALL does: each needs its issuer's CRL (fail closed),
+    correctly signed and not past its nextUpdate. Returns (reason, message) or None."""
+    if not server_tls.crl_by_issuer:
+        return None
+    chain = verified_chain(ssl_object)
+    for i, cert in enumerate(chain):
+        issuer_cert = chain[i + 1] if i + 1 < len(chain) else cert
+        issuer = name_to_str(cert.issuer)
+        crl = server_tls.crl_by_issuer.get(cert.issuer)
+        if crl is None:
+            return ("client_cert_invalid",
+                    f"client certificate refused: no CRL loaded for issuer \"{issuer}\" "
+                    f"(of \"{name_to_str(cert.subject)}\"); CRL checking fails closed")
+        if not crl.is_signature_valid(issuer_cert.public_key()):  # type: ignore[arg-type]
+            return ("client_cert_invalid",
+                    f"client certificate refused: the CRL of \"{issuer}\" has a bad signature")
+        if crl.next_update_utc is not None and crl.next_update_utc.timestamp() < now:
+            return ("client_cert_invalid",
+                    f"client certificate refused: the CRL of \"{issuer}\" expired at "
+                    f"{crl.next_update_utc.isoformat()}")
+        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            return ("client_cert_revoked",
+                    f"client certificate revoked: \"{name_to_str(cert.subject)}\" serial "
+                    f"{cert.serial_number:x} is in the CRL of \"{issuer}\"")
+    return None

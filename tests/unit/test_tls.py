@@ -1,0 +1,133 @@
+"""tls.py without sockets: handshakes between two SSLObjects over memory BIOs."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from proxy import certs, tls
+from proxy.config import TlsConfig
+
+
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
+              ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    done = {"s": False, "c": False}
+    for _ in range(20):
+        for name, obj in (("c", client), ("s", server)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            # TLS 1.3: the server verifies the client's certificate on its last flight.
+            return server, client
+    raise AssertionError("handshake did not finish")
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> dict:
+    root = certs.make_ca("Root")
+    inter = certs.make_ca("Inter", parent=root)
+    server = certs.issue(root, "localhost", server=True)
+    certs.write_certs(tmp_path / "server.crt", server[0])
+    certs.write_key(tmp_path / "server.key", server[1])
+    certs.write_certs(tmp_path / "root.pem", root[0])
+    return {"dir": tmp_path, "root": root, "inter": inter}
+
+
+def server_tls(setup: dict, crls: list) -> tls.ServerTls:
+    d = setup["dir"]
+    (d / "crl.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in crls))
+    cfg = TlsConfig(ssl_cert_file=str(d / "server.crt"), ssl_key_file=str(d / "server.key"),
+                    ssl_ca_file=str(d / "root.pem"), ssl_crl_file=str(d / "crl.pem"),
+                    clientcert="verify-ca")
+    return tls.build_server_tls(cfg, cert_requested=True)
+
+
+def client_ctx(setup: dict, ca: tuple, cn: str = "postgres") -> tuple[ssl.SSLContext, int]:
+    d = setup["dir"]
+    cert, key = certs.issue(ca, cn)
+    chain = [cert] + ([setup["inter"][0]] if ca is setup["inter"] else [])
+    certs.write_certs(d / "c.crt", *chain)
+    certs.write_key(d / "c.key", key)
+    ctx = ssl.create_default_context(cafile=str(d / "root.pem"))
+    ctx.load_cert_chain(d / "c.crt", d / "c.key")
+    return ctx, cert.serial_number
+
+
+def test_good_chain_passes(setup: dict) -> None:
+    st = server_tls(setup, [certs.make_crl(setup["root"]), certs.make_crl(setup["inter"])])
+    ctx, _ = client_ctx(setup, setup["inter"])
+    server, _ = handshake(st.context, ctx)
+    assert [c.subject.rfc4514_string() for c in tls.verified_chain(server)] == [
+        "CN=postgres,O=dwsproxy", "CN=Inter,O=dwsproxy", "CN=Root,O=dwsproxy"]
+    assert tls.check_revocation(st, server, time.time()) is None
+    assert tls.peer_cert_facts(server).common_name == "postgres"
+
+
+def test_revoked_by_intermediate(setup: dict) -> None:
+    ctx, serial = client_ctx(setup, setup["inter"])
+    st = server_tls(setup, [certs.make_crl(setup["root"]),
+                            certs.make_crl(setup["inter"], [serial])])
+    server, _ = handshake(st.context, ctx)
+    reason, message = tls.check_revocation(st, server, time.time())
+    assert reason == "client_cert_revoked" and f"serial {serial:x}" in message
+
+
+def test_missing_crl_fails_closed(setup: dict) -> None:
+    st = server_tls(setup, [certs.make_crl(setup["root"])])
+    ctx, _ = client_ctx(setup, setup["inter"])
+    server, _ = handshake(st.context, ctx)
+    reason, message = tls.check_revocation(st, server, time.time())
+    assert reason == "client_cert_invalid" and '"CN=Inter,O=dwsproxy"' in message
+
+
+def test_expired_crl_fails_closed(setup: dict) -> None:
+    st = server_tls(setup, [certs.make_crl(setup["root"], next_update_days=1)])
+    ctx, _ = client_ctx(setup, setup["root"])
+    server, _ = handshake(st.context, ctx)
+    assert tls.check_revocation(st, server, time.time()) is None
+    reason, message = tls.check_revocation(st, server, time.time() + 2 * 86400)
+    assert reason == "client_cert_invalid" and "expired" in message
+
+
+def test_forged_crl_signature(setup: dict) -> None:
+    # A CRL with the root's name, signed by another key: it must not be trusted.
+    impostor = (setup["root"][0], certs.make_ca("Root")[1])
+    st = server_tls(setup, [certs.make_crl(impostor)])
+    ctx, _ = client_ctx(setup, setup["root"])
+    server, _ = handshake(st.context, ctx)
+    reason, message = tls.check_revocation(st, server, time.time())
+    assert reason == "client_cert_invalid" and "bad signature" in message
+
+
+def test_alert_is_kept_on_a_failed_handshake(setup: dict) -> None:
+    st = server_tls(setup, [certs.make_crl(setup["root"])])
+    other = certs.make_ca("Other")
+    ctx, _ = client_ctx(setup, other)
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        handshake(st.context, ctx)
+    alert = info.value.dwsproxy_alert
+    assert alert[:1] == b"\x15" or alert[:1] == b"\x17"  # alert record (encrypted in TLS 1.3)
+    reason, _ = tls.handshake_failure(info.value)
+    assert reason == "client_cert_invalid"
+
+
+def test_server_context_security_defaults(setup: dict) -> None:
+    st = server_tls(setup, [certs.make_crl(setup["root"])])
+    ctx = st.context
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    names = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert names and all("GCM" in n or "CHACHA20" in n for n in names)
+    assert ctx.options & ssl.OP_NO_COMPRESSION and ctx.options & ssl.OP_NO_TICKET
