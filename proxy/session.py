@@ -175,7 +175,8 @@ class Session:
                     # man in the middle; never let them reach the TLS or the backend.
                     metrics.ssl_request("N")
                     await self._send_raw(wire.error_response(
-                        wire.PROTOCOL_VIOLATION, "received unencrypted data after SSL request"))
+                        wire.PROTOCOL_VIOLATION, "received unencrypted data after SSL request",
+                        detail="refused by dwsproxy: SQLSTATE 08P01, reason bad_startup"))
                     self._reject("bad_startup", "unencrypted data after SSLRequest "
                                  "(CVE-2021-23214)")
                     return False
@@ -254,16 +255,17 @@ class Session:
             return False
         if isinstance(event, wire.ProtocolViolation):
             if event.reply:
-                self._send_error(event.sqlstate, event.message)
-            self._reject("bad_startup", event.message)
+                self._refuse("bad_startup", event.sqlstate, event.message)
+            else:
+                self._reject("bad_startup", event.message)
             return False
         assert isinstance(event, wire.StartupMessage)
         self.startup = event
         if self.state.sessions_over_limit():
-            self._send_error(wire.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
-                             hint=f"the proxy allows listen.max_connections="
-                                  f"{self.cfg.listen.max_connections} client connections")
-            self._reject("too_many_connections", "max_connections reached")
+            self._refuse("too_many_connections", wire.TOO_MANY_CONNECTIONS,
+                         "sorry, too many clients already",
+                         hint=f"the proxy allows listen.max_connections="
+                              f"{self.cfg.listen.max_connections} client connections")
             return False
         facts = policy.Facts(
             encrypted=self.encrypted, tls_version=self.tls_version, cipher=self.cipher,
@@ -273,8 +275,8 @@ class Session:
             application_name=event.application_name, peer=self.peer_ip)
         decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
         if isinstance(decision, policy.Reject):
-            self._send_error(decision.sqlstate, decision.message, hint=decision.hint)
-            self._reject(decision.reason, decision.message)
+            self._refuse(decision.reason, decision.sqlstate, decision.message,
+                         hint=decision.hint)
             return False
         return True
 
@@ -309,11 +311,10 @@ class Session:
             self.backend = backend
         except (OSError, TimeoutError) as exc:
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
-            self._send_error(
-                wire.CONNECTION_FAILURE,
+            self._refuse(
+                "backend_unavailable", wire.CONNECTION_FAILURE,
                 f"could not connect to the database server at {backend_cfg.address}: {why}",
                 hint="the proxy is up but its backend is not; check the database server")
-            self._reject("backend_unavailable", f"backend {backend_cfg.address}: {why}")
             return
         metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
         if self.client.closed.done():
@@ -346,9 +347,14 @@ class Session:
                 side.close()
 
     # -- outcome --------------------------------------------------------------------------------
-    def _send_error(self, sqlstate: str, message: str, hint: str = "") -> None:
+    def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "") -> None:
+        """An ErrorResponse to the client, then the rejection recorded. libpq does not print a
+        connection error's SQLSTATE, so DETAIL carries it, with the reason the metrics use."""
         if self.client is not None and self.client.transport is not None:
-            self.client.transport.write(wire.error_response(sqlstate, message, hint=hint))
+            detail = f"refused by dwsproxy: SQLSTATE {sqlstate}, reason {reason}"
+            self.client.transport.write(
+                wire.error_response(sqlstate, message, detail=detail, hint=hint))
+        self._reject(reason, message)
 
     def _reject(self, reason: str, detail: str) -> None:
         metrics.rejected(reason)

@@ -82,6 +82,8 @@ def test_refusal_as_psql_prints_it(proxies: dict, pki: Path) -> None:
     assert proc.stderr.splitlines()[0].endswith(
         "failed: FATAL:  SSL connection is required by the server (require_ssl is on)")
     assert proc.stderr.splitlines()[1] == (
+        "DETAIL:  refused by dwsproxy: SQLSTATE 28000, reason ssl_required")
+    assert proc.stderr.splitlines()[2] == (
         "HINT:  connect with SSL: set sslmode=require (or prefer, verify-ca, verify-full) in "
         "the connection string or PGSSLMODE")
 
