@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsproxy.session")
 
 TLS_SHUTDOWN_TIMEOUT = 3.0
+_PID = os.getpid()
 
 
 class Session:
@@ -375,6 +377,7 @@ class Session:
         self.state.session_ended(self)
         fields: dict[str, Any] = {
             "peer": self.peer_addr,
+            "worker_pid": _PID,
             "encryption": "tls" if self.encrypted else "plain",
             "tls_version": self.tls_version,
             "cipher": self.cipher,
