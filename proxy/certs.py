@@ -12,8 +12,8 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,7 +24,7 @@ PrivateKey = ec.EllipticCurvePrivateKey
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def new_key() -> PrivateKey:
@@ -184,7 +184,7 @@ def revoke(folder: Path, cert_path: Path) -> int:
     return cert.serial_number
 
 
-def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     certs = sub.add_parser("certs", help="make a CA, server/client certificates and a CRL")
     csub = certs.add_subparsers(dest="certs_command", required=True)
     p_init = csub.add_parser("init", help="CA, server and client certs, empty CRL in DIR")

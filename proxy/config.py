@@ -13,9 +13,10 @@ import fnmatch
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
@@ -109,9 +110,10 @@ class Rule:
             return False
         if self.type == "hostnossl" and encrypted:
             return False
-        if self.address is not None:
-            if peer is None or peer.version != self.address.version or peer not in self.address:
-                return False
+        if self.address is not None and (
+            peer is None or peer.version != self.address.version or peer not in self.address
+        ):
+            return False
         return (
             fnmatch.fnmatchcase(user, self.user)
             and fnmatch.fnmatchcase(database, self.database)

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -68,7 +68,7 @@ class TempPostgres:
     def _cmd(self, *argv: str) -> list[str]:
         return (["runuser", "-u", "postgres", "--", *argv] if self.as_postgres else list(argv))
 
-    def start(self) -> "TempPostgres":
+    def start(self) -> TempPostgres:
         if self.as_postgres:
             os.chmod(self.dir, 0o755)
             shutil.chown(self.dir, "postgres", "postgres")
@@ -171,7 +171,7 @@ def psql_try(port: int, sslmode: str, rootcert: Path) -> tuple[str, str]:
     if proc.returncode != 0:
         return "refused", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     if "SSL connection (protocol:" in proc.stdout:
-        line = [ln for ln in proc.stdout.splitlines() if "SSL connection" in ln][0]
+        line = next(ln for ln in proc.stdout.splitlines() if "SSL connection" in ln)
         return "TLS", line.strip()
     return "plaintext", ""
 

@@ -10,6 +10,7 @@ decide policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -116,7 +117,7 @@ class BackendHealth:
         self.ok = False
         self.checked = False
 
-    async def run(self, get_config: "callable[[], Config]") -> None:  # type: ignore[valid-type]
+    async def run(self, get_config: callable[[], Config]) -> None:  # type: ignore[valid-type]
         while True:
             cfg = get_config()
             try:
@@ -269,10 +270,8 @@ async def supervise(cfg: Config, argv_for_worker: list[str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     while not stop.is_set():
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
-        except TimeoutError:
-            pass
         for slot, proc in list(procs.items()):
             if proc.poll() is not None and not stop.is_set():
                 log.error("worker %d (pid %d) exited with %s: restarting", slot, proc.pid,

@@ -16,6 +16,7 @@ non-blocking peek and refused with 08P01 before the handshake. Only then is the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -367,10 +368,8 @@ class Session:
         if self.client is not None:
             self.client.close()  # graceful: an ErrorResponse still queued is flushed first
         else:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass
         if self.backend is not None:
             self.backend.close()
         self.flush_bytes()

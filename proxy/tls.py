@@ -73,7 +73,7 @@ class AlertKeepingSSLObject(ssl.SSLObject):
     def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]
                 server_side: bool = False, server_hostname: str | None = None,
                 session: ssl.SSLSession | None = None,
-                context: ssl.SSLContext | None = None) -> "AlertKeepingSSLObject":
+                context: ssl.SSLContext | None = None) -> AlertKeepingSSLObject:
         obj = super()._create(incoming, outgoing, server_side,  # type: ignore[misc]
                               server_hostname, session, context)
         obj._outgoing = outgoing

@@ -8,12 +8,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
 from conftest import REPO, Proxy, clean_env, run_psql
+
 from proxy import certs
 
 
@@ -35,7 +35,7 @@ class Pki:
         self.client("good", "postgres")
         self.client("alice", "alice")
         self.client("revoked", "postgres", revoke=True)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         self.client("expired", "postgres", not_before=now - dt.timedelta(days=30),
                     not_after=now - dt.timedelta(days=1))
         self.client("future", "postgres", not_before=now + dt.timedelta(days=1),

@@ -10,19 +10,25 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from conftest import (
+    Proxy,
+    clean_env,
+    raw_connect,
+    read_until_close,
+    run_psql,
+    ssl_request_handshake,
+    tls_client_context,
+)
 from cryptography import x509
 
-from conftest import (Proxy, clean_env, raw_connect, read_until_close, run_psql,
-                      ssl_request_handshake, tls_client_context)
-from proxy import certs, wire
+from proxy import certs
 from proxy.demo import TempPostgres, find_pg_binary, free_port
 
 
@@ -277,7 +283,7 @@ def test_backend_down(start_proxy: Callable[..., Proxy], pki: Path) -> None:
             in proc.stderr)
     assert "SQLSTATE 08006" in proc.stderr
     assert proxy.metric("dwsproxy_connections_rejected_total", reason="backend_unavailable") == 1
-    status, body = proxy.http("/healthz")
+    status, _body = proxy.http("/healthz")
     assert status == 503
 
 
@@ -333,7 +339,7 @@ def test_json_log_line_has_no_secret(start_proxy: Callable[..., Proxy], pki: Pat
         conn.execute("SELECT 1")
     text = proxy.wait_log('"outcome": "ok"')
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    session = [d for d in lines if d.get("outcome") == "ok"][0]
+    session = next(d for d in lines if d.get("outcome") == "ok")
     for key in ("peer", "encryption", "tls_version", "cipher", "client_cert", "user",
                 "database", "outcome", "bytes_in", "bytes_out", "duration"):
         assert key in session

@@ -11,13 +11,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from conftest import (
+    REPO,
+    Proxy,
+    error_fields,
+    raw_connect,
+    read_message,
+    read_until_close,
+    ssl_request_handshake,
+    tls_client_context,
+)
 
-from conftest import (REPO, Proxy, error_fields, raw_connect, read_message, read_until_close,
-                      ssl_request_handshake, tls_client_context)
 from proxy import wire
 from proxy.demo import TempPostgres
 

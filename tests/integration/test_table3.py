@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import Proxy, clean_env, run_psql
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

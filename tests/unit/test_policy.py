@@ -106,8 +106,8 @@ GSQL_RULES = (
 
 
 def facts(**kw: object) -> policy.Facts:
-    base: dict[str, object] = dict(encrypted=True, tls_version="TLSv1.3", user="u",
-                                   database="d", peer=ipaddress.ip_address("127.0.0.1"))
+    base: dict[str, object] = {"encrypted": True, "tls_version": "TLSv1.3", "user": "u",
+                                   "database": "d", "peer": ipaddress.ip_address("127.0.0.1")}
     base.update(kw)
     return policy.Facts(**base)  # type: ignore[arg-type]
 
