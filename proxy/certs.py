@@ -184,23 +184,6 @@ def revoke(folder: Path, cert_path: Path) -> int:
     return cert.serial_number
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    certs = sub.add_parser("certs", help="make a CA, server/client certificates and a CRL")
-    csub = certs.add_subparsers(dest="certs_command", required=True)
-    p_init = csub.add_parser("init", help="CA, server and client certs, empty CRL in DIR")
-    p_init.add_argument("dir")
-    p_init.add_argument("--server-cn", default="localhost")
-    p_init.add_argument("--client-cn", default="postgres")
-    p_init.add_argument("--days", type=int, default=825)
-    p_client = csub.add_parser("client", help="another client certificate from DIR's CA")
-    p_client.add_argument("dir")
-    p_client.add_argument("--cn", required=True)
-    p_client.add_argument("--days", type=int, default=825)
-    p_revoke = csub.add_parser("revoke", help="add CERT to DIR/crl.pem and re-sign it")
-    p_revoke.add_argument("dir")
-    p_revoke.add_argument("cert")
-
-
 def main(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     try:

@@ -95,13 +95,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.pid_file and not args.worker:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     try:
-        if args.worker:
-            return _run(lambda: server.serve(cfg, worker=True))
-        if cfg.listen.workers > 1:
-            worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
-                           "--log-format", args.log_format]
-            return _run(lambda: server.supervise(cfg, worker_argv))
-        return _run(lambda: server.serve(cfg))
+        worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
+                       "--log-format", args.log_format]
+        return _run(lambda: server.serve(cfg, worker=args.worker, worker_argv=worker_argv))
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
@@ -126,6 +122,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = sub.add_parser("certs", help="make a CA, server/client certificates and a CRL")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    p_init = csub.add_parser("init", help="CA, server and client certs, empty CRL in DIR")
+    p_init.add_argument("dir")
+    p_init.add_argument("--server-cn", default="localhost")
+    p_init.add_argument("--client-cn", default="postgres")
+    p_init.add_argument("--days", type=int, default=825)
+    p_client = csub.add_parser("client", help="another client certificate from DIR's CA")
+    p_client.add_argument("dir")
+    p_client.add_argument("--cn", required=True)
+    p_client.add_argument("--days", type=int, default=825)
+    p_revoke = csub.add_parser("revoke", help="add CERT to DIR/crl.pem and re-sign it")
+    p_revoke.add_argument("dir")
+    p_revoke.add_argument("cert")
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsproxy",
@@ -143,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP)")
     reload.add_argument("--pid-file", dest="pid_file", required=True)
 
-    from . import certs
-
-    certs.add_parser(sub)
+    _add_certs_parser(sub)
     demo = sub.add_parser("demo", help="throwaway PostgreSQL + proxy + a live Table 3")
     demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
     demo.add_argument("--no-wait", action="store_true",

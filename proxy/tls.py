@@ -14,11 +14,15 @@ import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, TlsConfig
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# `cryptography` is imported only where a CA file is configured (client certificates, CRLs):
+# it costs ~9 MB of RSS per process, and a plain TLS-terminating worker never needs it.
 
 log = logging.getLogger("dwsproxy.tls")
 
@@ -93,6 +97,9 @@ def name_to_str(name: x509.Name) -> str:
 
 
 def cert_facts(cert: x509.Certificate) -> CertFacts:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     sans: list[str] = []
@@ -114,6 +121,47 @@ def cert_facts(cert: x509.Certificate) -> CertFacts:
     )
 
 
+# Short names of RFC 4514 for the attributes the stdlib decoder spells out.
+_RFC4514 = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+            "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+            "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID"}
+
+
+def server_cert_facts(path: str) -> CertFacts:
+    """Facts of the first (leaf) certificate of a PEM file, read with the stdlib's decoder so
+    that a worker without client certificates never loads `cryptography`. The subject is
+    written like cryptography's rfc4514_string (last RDN first), so metric labels agree."""
+    key = "tls.ssl_cert_file"
+    _read(path, key)  # a clear error for a missing or unreadable file
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+    except AttributeError:  # pragma: no cover - a Python without the helper
+        return cert_facts(_read_pem_certs(path, key)[0])
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(key, f"'{path}' holds no readable PEM certificate: {exc}") from None
+
+    def name(rdns: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+        return ",".join("+".join(f"{_RFC4514.get(k, k)}={_escape(v)}" for k, v in rdn)
+                        for rdn in reversed(rdns))
+
+    subject = decoded.get("subject", ())
+    cns = [v for rdn in subject for k, v in rdn if k == "commonName"]
+    sans = tuple(v for kind, v in decoded.get("subjectAltName", ()) if kind in ("DNS", "email"))
+    return CertFacts(subject=name(subject), common_name=cns[0] if cns else "", sans=sans,
+                     issuer=name(decoded.get("issuer", ())),
+                     serial=int(decoded.get("serialNumber", "0"), 16),
+                     not_after=float(ssl.cert_time_to_seconds(decoded["notAfter"])))
+
+
+def _escape(value: str) -> str:
+    out = "".join("\\" + c if c in ',+"\\<>;' else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" "):
+        out = out[:-1] + "\\ "
+    return out
+
+
 def peer_cert_facts(ssl_object: ssl.SSLObject | None) -> CertFacts | None:
     """Facts of the verified client certificate, or None when none was presented."""
     if ssl_object is None:
@@ -121,6 +169,8 @@ def peer_cert_facts(ssl_object: ssl.SSLObject | None) -> CertFacts | None:
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         return None
+    from cryptography import x509
+
     return cert_facts(x509.load_der_x509_certificate(der))
 
 
@@ -146,6 +196,8 @@ def check_key_permissions(path: str, key: str = "tls.ssl_key_file") -> None:
 
 
 def _read_pem_certs(path: str, key: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     data = _read(path, key)
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -164,6 +216,8 @@ def _read(path: str, key: str) -> bytes:
 
 
 def _load_crls(tls: TlsConfig) -> list[x509.CertificateRevocationList]:
+    from cryptography import x509
+
     sources: list[tuple[str, str]] = []
     if tls.ssl_crl_file:
         sources.append(("tls.ssl_crl_file", tls.ssl_crl_file))
@@ -210,7 +264,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
     ctx.sslobject_class = AlertKeepingSSLObject
 
-    server_certs = _read_pem_certs(tls.ssl_cert_file, "tls.ssl_cert_file")
+    server_cert = server_cert_facts(tls.ssl_cert_file)
     check_key_permissions(tls.ssl_key_file)
     key_pem = _read(tls.ssl_key_file, "tls.ssl_key_file")
     password = b""
@@ -256,7 +310,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
     return ServerTls(
         context=ctx,
         crl_by_issuer=by_issuer,
-        server_cert=cert_facts(server_certs[0]),
+        server_cert=server_cert,
         ca_certs=tuple(cert_facts(c) for c in ca_certs),
         crls=tuple(
             CrlFacts(
@@ -295,6 +349,8 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
 
 def verified_chain(ssl_object: ssl.SSLObject) -> list[x509.Certificate]:
     """The chain OpenSSL verified, leaf first, trust anchor last."""
+    from cryptography import x509
+
     getter = getattr(ssl_object, "get_verified_chain", None)  # public from Python 3.13
     if getter is None:
         getter = ssl_object._sslobj.get_verified_chain  # type: ignore[attr-defined]

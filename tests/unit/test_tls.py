@@ -131,3 +131,36 @@ def test_server_context_security_defaults(setup: dict) -> None:
     names = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert names and all("GCM" in n or "CHACHA20" in n for n in names)
     assert ctx.options & ssl.OP_NO_COMPRESSION and ctx.options & ssl.OP_NO_TICKET
+
+
+@pytest.mark.parametrize("cn", ["localhost", 'odd, "quoted"+name', "#hash ", "ünïcode"])
+def test_stdlib_server_cert_facts_match_cryptography(tmp_path: Path, cn: str) -> None:
+    ca = certs.make_ca(f"CA {cn}")
+    cert, _ = certs.issue(ca, cn, server=True, sans=["db.example"])
+    certs.write_certs(tmp_path / "s.crt", cert, ca[0])  # chain: the leaf is the first
+    assert tls.server_cert_facts(str(tmp_path / "s.crt")) == tls.cert_facts(cert)
+
+
+def test_server_cert_facts_errors(tmp_path: Path) -> None:
+    from proxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file"):
+        tls.server_cert_facts(str(tmp_path / "none.crt"))
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="no readable PEM certificate"):
+        tls.server_cert_facts(str(tmp_path / "junk.crt"))
+
+
+def test_plain_tls_config_does_not_load_cryptography(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    certs.init(tmp_path)
+    (tmp_path / "c.toml").write_text("[tls]\nssl_cert_file = 'server.crt'\n"
+                                     "ssl_key_file = 'server.key'\n")
+    code = ("import sys; from proxy import config, server; "
+            f"config.load({str(tmp_path / 'c.toml')!r}); "
+            "print(any(m.startswith('cryptography') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True)
+    assert out.stdout.strip() == "False"
