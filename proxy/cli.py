@@ -37,8 +37,10 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def _kv(value: object) -> str:
+    # Quote (JSON-escaped) anything a client could use to forge or garble a log line:
+    # spaces, quotes, '=', and every non-printable character (CR, escapes).
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
+    if text == "" or not text.isprintable() or any(c in text for c in ' "='):
         return json.dumps(text)
     return text
 

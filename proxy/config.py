@@ -140,6 +140,7 @@ class Config:
 
     @property
     def cert_requested(self) -> bool:
+        """Some level (global or a rule's) asks clients for a certificate."""
         return self.tls.clientcert != "none" or any(r.clientcert for r in self.rules)
 
 
@@ -250,7 +251,7 @@ _PATH_KEYS = {
 
 
 def _section(raw: dict[str, Any], name: str, schema: dict[str, Callable[[str, object], Any]],
-             base: Path) -> dict[str, Any]:
+             base: Path, defaults: object) -> dict[str, Any]:
     table = raw.get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(name, "expected a table")
@@ -259,9 +260,11 @@ def _section(raw: dict[str, Any], name: str, schema: dict[str, Callable[[str, ob
         if key not in schema:
             raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(schema)})")
         out[key] = schema[key](f"{name}.{key}", value)
+    # Relative paths, defaults included, are relative to the config file's folder (contract).
     for key in _PATH_KEYS.get(name, ()):
-        if out.get(key):
-            out[key] = str((base / out[key]).resolve())
+        value = out.get(key, getattr(defaults, key))
+        if value:
+            out[key] = str((base / value).resolve())
     return out
 
 
@@ -312,10 +315,10 @@ def parse(text: str, path: str) -> Config:
         if key not in known:
             raise ConfigError(key, f"unknown section (known: {', '.join(known)})")
     base = Path(path).resolve().parent
-    listen = ListenConfig(**_section(raw, "listen", _LISTEN, base))
-    backend = BackendConfig(**_section(raw, "backend", _BACKEND, base))
-    tls = TlsConfig(**_section(raw, "tls", _TLS, base))
-    metrics = MetricsConfig(**_section(raw, "metrics", _METRICS, base))
+    listen = ListenConfig(**_section(raw, "listen", _LISTEN, base, ListenConfig()))
+    backend = BackendConfig(**_section(raw, "backend", _BACKEND, base, BackendConfig()))
+    tls = TlsConfig(**_section(raw, "tls", _TLS, base, TlsConfig()))
+    metrics = MetricsConfig(**_section(raw, "metrics", _METRICS, base, MetricsConfig()))
     raw_rules = raw.get("rules", [])
     if not isinstance(raw_rules, list):
         raise ConfigError("rules", "expected an array of tables ([[rules]])")
@@ -332,20 +335,27 @@ def parse(text: str, path: str) -> Config:
     ) < TLS_VERSIONS.index(tls.ssl_min_protocol_version):
         raise ConfigError("tls.ssl_max_protocol_version",
                           "is lower than tls.ssl_min_protocol_version")
-    if not tls.ssl and tls.require_ssl:
-        # The seed: require_ssl only has effect when ssl is on. Accept it, as the server does.
-        pass
-    needs_ca = tls.clientcert != "none" or any(r.clientcert for r in rules)
-    if tls.ssl and needs_ca and not tls.ssl_ca_file:
+    for key in ("sslrootcert", "sslcert", "sslkey"):
+        if getattr(backend, key):
+            raise ConfigError(f"backend.{key}", "backend TLS is not supported yet (see "
+                              "backend.sslmode): leave it empty")
+    # require_ssl without ssl is accepted: the seed says it only has effect when ssl is on.
+    cfg = Config(path=str(Path(path).resolve()), listen=listen, backend=backend, tls=tls,
+                 rules=rules, metrics=metrics)
+    if cfg.cert_requested and not tls.ssl:
+        raise ConfigError("tls.clientcert", "client certificates need tls.ssl = true")
+    if cfg.cert_requested and not tls.ssl_ca_file:
         raise ConfigError("tls.ssl_ca_file",
                           "is required when clientcert (global or in a rule) is not \"none\"")
+    if listen.workers > 1 and listen.port == 0:
+        raise ConfigError("listen.port", "0 (any free port) cannot be shared by several "
+                          "workers: name a port")
     for rule in rules:
         for proto in rule.ssl_protocols:
             if proto not in _enabled_versions(tls):
                 raise ConfigError(f"rules[{rule.index}].ssl_protocols",
                                   f"{proto} is outside tls.ssl_min/max_protocol_version")
-    return Config(path=str(Path(path).resolve()), listen=listen, backend=backend, tls=tls,
-                  rules=rules, metrics=metrics)
+    return cfg
 
 
 def _enabled_versions(tls: TlsConfig) -> tuple[str, ...]:

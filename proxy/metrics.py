@@ -15,7 +15,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +27,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger("dwsproxy.metrics")
 
@@ -55,12 +57,37 @@ BACKEND_CONNECT_SECONDS = Histogram(
     "dwsproxy_backend_connect_seconds", "TCP connect to the backend.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 BYTES = Counter("dwsproxy_bytes_total", "Bytes relayed.", ["direction"])
-CERT_EXPIRY = Gauge(
-    "dwsproxy_certificate_expiry_timestamp_seconds", "notAfter of the loaded certificates.",
-    ["role", "subject"], multiprocess_mode="mostrecent")
-CRL_NEXT_UPDATE = Gauge(
-    "dwsproxy_crl_next_update_timestamp_seconds", "nextUpdate of the loaded CRLs.", ["issuer"],
-    multiprocess_mode="mostrecent")
+
+
+class _TlsFacts:
+    """Certificate expiry and CRL nextUpdate of the config in force, read at scrape time by a
+    custom collector in the serving process: a gauge series of a replaced certificate then
+    disappears with it (multiprocess gauges cannot drop a label set)."""
+
+    def __init__(self) -> None:
+        self.server_tls: Any = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        expiry = GaugeMetricFamily(
+            "dwsproxy_certificate_expiry_timestamp_seconds",
+            "notAfter of the loaded certificates.", labels=["role", "subject"])
+        crl_next = GaugeMetricFamily(
+            "dwsproxy_crl_next_update_timestamp_seconds", "nextUpdate of the loaded CRLs.",
+            labels=["issuer"])
+        st = self.server_tls
+        if st is not None:
+            if st.server_cert is not None:
+                expiry.add_metric(["server", st.server_cert.subject], st.server_cert.not_after)
+            for ca in st.ca_certs:
+                expiry.add_metric(["ca", ca.subject], ca.not_after)
+            for crl in st.crls:
+                if crl.next_update is not None:
+                    crl_next.add_metric([crl.issuer], crl.next_update)
+        yield expiry
+        yield crl_next
+
+
+TLS_FACTS = _TlsFacts()
 RELOADS = Counter("dwsproxy_config_reloads_total", "Configuration reloads.", ["result"])
 LAST_RELOAD_SUCCESS = Gauge(
     "dwsproxy_config_last_reload_success_timestamp_seconds",
@@ -105,17 +132,8 @@ def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
 
 
 def config_loaded(server_tls: object | None, *, reload: bool) -> None:
-    """Refresh certificate/CRL gauges from a newly loaded config; count a reload."""
-    CERT_EXPIRY.clear()
-    CRL_NEXT_UPDATE.clear()
-    if server_tls is not None:
-        st = server_tls
-        CERT_EXPIRY.labels("server", st.server_cert.subject).set(st.server_cert.not_after)
-        for ca in st.ca_certs:
-            CERT_EXPIRY.labels("ca", ca.subject).set(ca.not_after)
-        for crl in st.crls:
-            if crl.next_update is not None:
-                CRL_NEXT_UPDATE.labels(crl.issuer).set(crl.next_update)
+    """Point the certificate/CRL gauges at a newly loaded config; count a reload."""
+    TLS_FACTS.server_tls = server_tls
     if reload:
         RELOADS.labels("success").inc()
     LAST_RELOAD_SUCCESS.set(time.time())
@@ -126,12 +144,15 @@ def reload_failed() -> None:
 
 
 def registry() -> CollectorRegistry:
-    if not MULTIPROCESS:
-        return REGISTRY
-    from prometheus_client import multiprocess
+    """The registry the serving process exposes (called once, by serve_http)."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
 
-    reg = CollectorRegistry()
-    multiprocess.MultiProcessCollector(reg)
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+    else:
+        reg = REGISTRY
+    reg.register(TLS_FACTS)  # type: ignore[arg-type]
     return reg
 
 

@@ -18,6 +18,9 @@ from . import wire
 STARTUP_BUFFER_LIMIT = 64 * 1024
 # Write buffer high-water mark per transport: bounds memory per session at roughly 2× this.
 WRITE_HIGH_WATER = 256 * 1024
+# A graceful close flushes what is queued; a peer that never reads must not hold the session
+# (and its socket) forever, so the close turns into an abort after this long.
+CLOSE_TIMEOUT = 3.0
 
 
 class Endpoint(asyncio.Protocol):
@@ -32,7 +35,6 @@ class Endpoint(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
         self._paused_for_buffer = False
-        self._write_paused = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,7 +62,10 @@ class Endpoint(asyncio.Protocol):
         self._wake()
         peer = self.peer
         if peer is None or peer.transport is None:
-            return None
+            # Still negotiating: keep a half-closed plain client open, link() passes the FIN
+            # on once the backend is there (a TLS transport cannot half-close: it closes).
+            return True if self.transport is not None and self.transport.can_write_eof() \
+                else None
         if (peer.transport.can_write_eof() and self.transport is not None
                 and self.transport.can_write_eof()):
             # Half-close: pass the FIN on, keep the other direction flowing until it ends too.
@@ -68,7 +73,7 @@ class Endpoint(asyncio.Protocol):
             if peer.eof:
                 self._close_both()
             return True
-        peer.transport.close()
+        peer.close()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -76,21 +81,15 @@ class Endpoint(asyncio.Protocol):
         self._wake()
         if not self.closed.done():
             self.closed.set_result(None)
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
-            if exc is None:
-                peer.transport.close()  # flushes what is already queued
-            else:
-                peer.transport.abort()
+        if self.peer is not None:
+            self.peer.close(abort=exc is not None)
 
     def pause_writing(self) -> None:
         # Our outgoing buffer is full: stop reading the side that fills it.
-        self._write_paused = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
@@ -117,15 +116,23 @@ class Endpoint(asyncio.Protocol):
     # -- relaying -------------------------------------------------------------------------------
     def _close_both(self) -> None:
         for side in (self, self.peer):
-            if side is not None and side.transport is not None:
-                side.transport.close()
+            if side is not None:
+                side.close()
 
     def close(self, abort: bool = False) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
+        """Close: flush what is queued, but abort after CLOSE_TIMEOUT if the peer won't read."""
+        transport = self.transport
+        if transport is None or self.closed.done():
+            return
+        if abort:
+            transport.abort()
+        elif not transport.is_closing():
+            transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not self.closed.done():
+            self.transport.abort()
 
 
 def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:

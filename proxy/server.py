@@ -10,6 +10,7 @@ decide policy.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsproxy.server")
 
 ACCEPT_BATCH = 64
+TLS_CLOSE_WAIT = 5.0
 HEALTH_INTERVAL = 5.0
 
 
@@ -42,8 +45,15 @@ class ServerState:
         self.live: set[Session] = set()  # sessions relaying
         self.tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def max_connections(self) -> int:
+        # Each worker admits its share: workers do not share counters, and SO_REUSEPORT spreads
+        # clients evenly, so the proxy as a whole stays within listen.max_connections.
+        listen = self.config.listen
+        return -(-listen.max_connections // listen.workers)
+
     def sessions_over_limit(self) -> bool:
-        if self.admitted >= self.config.listen.max_connections:
+        if self.admitted >= self.max_connections:
             return True
         self.admitted += 1
         return False
@@ -58,7 +68,7 @@ class ServerState:
         # Past max_connections a client still gets a proper 53300 after its start-up (as
         # PostgreSQL does); past this many open sockets it is closed at once, so a flood cannot
         # make the proxy spend handshakes without bound.
-        return self.config.listen.max_connections * 2 + 100
+        return self.max_connections * 2 + 100
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -91,8 +101,15 @@ class Listener:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving the others
-                log.error("accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the listening socket stays readable, so
+                    # stop watching it for a second instead of spinning (as asyncio does).
+                    log.error("accept failed: %s; pausing accepts for 1s", exc)
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(1.0, self._resume)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
             state = self.state
             if state.open >= state.hard_limit:
@@ -103,6 +120,10 @@ class Listener:
             task = self.loop.create_task(Session(conn, state).run())
             state.tasks.add(task)
             task.add_done_callback(state.tasks.discard)
+
+    def _resume(self) -> None:
+        if self.accepting:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
 
     def close(self) -> None:
         if self.accepting:
@@ -116,7 +137,7 @@ class BackendHealth:
         self.ok = False
         self.checked = False
 
-    async def run(self, get_config: callable[[], Config]) -> None:  # type: ignore[valid-type]
+    async def run(self, get_config: Callable[[], Config]) -> None:
         while True:
             cfg = get_config()
             try:
@@ -146,6 +167,18 @@ async def _tick(state: ServerState) -> None:
                     session.idle_marker, session.idle_since = marker, now
                 elif now - session.idle_since >= idle:
                     session.close("idle_timeout")
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """A worker whose main process died (its parent pid changes) shuts down gracefully
+    instead of serving on, unsupervised, with no metrics endpoint."""
+    # The main process's pid comes from the environment, not getppid() at start: the main
+    # process may already be gone by then, and in a container it may legitimately be pid 1.
+    parent = int(os.environ.get(MAIN_PID_ENV, os.getppid()))
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.error("main process %d is gone: shutting down this worker", parent)
+    stop.set()
 
 
 def _reload(state: ServerState, *, count: bool) -> bool:
@@ -182,7 +215,9 @@ async def _drain(state: ServerState, grace: float) -> None:
             task.cancel()
 
 
-TLS_CLOSE_WAIT = 5.0
+
+WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+MAIN_PID_ENV = "DWSPROXY_MAIN_PID"
 
 
 class Workers:
@@ -193,25 +228,48 @@ class Workers:
     def __init__(self, count: int, argv: list[str]) -> None:
         self.argv = argv
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.backoff: dict[int, float] = {}
+        self.started: dict[int, float] = {}
         for slot in range(1, count):
             self._spawn(slot)
 
     def _spawn(self, slot: int) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy", *self.argv, "--worker"])
+        # The child inherits a blocked SIGHUP/SIGTERM/SIGINT through exec and unblocks them once
+        # its handlers are installed: a reload sent while it imports must not kill it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "proxy", *self.argv, "--worker"],
+                                    env={**os.environ, MAIN_PID_ENV: str(os.getpid())})
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.procs[slot] = proc
+        self.started[slot] = time.monotonic()
         log.info("worker %d started (pid %d)", slot, proc.pid)
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs.values())
 
     async def watch(self) -> None:
+        """Restart a worker that died, after a backoff (0.5 s doubling to 30 s, reset once a
+        worker has lived a minute), so that one that cannot start does not spin. A restarted
+        worker reads the config file as it is on disk now."""
+        restart_at: dict[int, float] = {}
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
             for slot, proc in list(self.procs.items()):
-                if proc.poll() is not None:
-                    log.error("worker %d (pid %d) exited with %s: restarting", slot, proc.pid,
-                              proc.returncode)
+                if proc.poll() is None:
+                    continue
+                if slot not in restart_at:
+                    if now - self.started[slot] > 60:
+                        self.backoff.pop(slot, None)
+                    delay = self.backoff[slot] = min(self.backoff.get(slot, 0.25) * 2, 30.0)
+                    restart_at[slot] = now + delay
+                    log.error("worker %d (pid %d) exited with %s: restarting in %.1fs", slot,
+                              proc.pid, proc.returncode, delay)
                     metrics.mark_process_dead(proc.pid)
+                elif now >= restart_at[slot]:
+                    del restart_at[slot]
                     self._spawn(slot)
 
     def signal(self, sig: int) -> None:
@@ -248,29 +306,39 @@ async def serve(cfg: Config, *, worker: bool = False,
     bound = sock.getsockname()
     log.info("listening on %s:%s (pid %d)", bound[0], bound[1], os.getpid())
     background = [loop.create_task(_tick(state))]
+    stop = asyncio.Event()
     http = None
-    workers = None
+    workers: Workers | None = None
     watcher = None
     if not worker:
+        health = BackendHealth()
+        try:  # before any worker exists: a busy metrics port fails the start cleanly
+            http = await metrics.serve_http(
+                cfg.metrics.host, cfg.metrics.port,
+                lambda: listener.accepting and health.ok
+                and (workers is None or workers.alive()))
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%s: %s", cfg.metrics.host, cfg.metrics.port,
+                      exc.strerror)
+            listener.close()
+            return 1
+        background.append(loop.create_task(health.run(lambda: state.config)))
+        metrics.config_loaded(cfg.server_tls, reload=False)
         if cfg.listen.workers > 1:
             workers = Workers(cfg.listen.workers, worker_argv or [])
             watcher = loop.create_task(workers.watch())
-        health = BackendHealth()
-        background.append(loop.create_task(health.run(lambda: state.config)))
-        metrics.config_loaded(cfg.server_tls, reload=False)
-        http = await metrics.serve_http(
-            cfg.metrics.host, cfg.metrics.port,
-            lambda: listener.accepting and health.ok and (workers is None or workers.alive()))
+    else:
+        background.append(loop.create_task(_watch_parent(stop)))
 
     def on_hup() -> None:
         # The main process validates and counts once; workers reload only after it succeeded.
         if _reload(state, count=not worker) and workers is not None:
             workers.signal(signal.SIGHUP)
 
-    stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked by Workers._spawn
     await stop.wait()
     log.info("shutting down: no new connections; %d open, waiting up to %.0fs",
              len(state.tasks), cfg.listen.shutdown_grace)

@@ -176,7 +176,6 @@ class Session:
                 if self._has_pending_bytes():
                     # CVE-2021-23214: bytes sent before our answer could have been injected by a
                     # man in the middle; never let them reach the TLS or the backend.
-                    metrics.ssl_request("N")
                     await self._send_raw(wire.error_response(
                         wire.PROTOCOL_VIOLATION, "received unencrypted data after SSL request",
                         detail="refused by dwsproxy: SQLSTATE 08P01, reason bad_startup"))

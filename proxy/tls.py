@@ -29,8 +29,10 @@ log = logging.getLogger("dwsproxy.tls")
 ALPN_POSTGRESQL = "postgresql"
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
-# OpenSSL X509_V_ERR_CERT_REVOKED (x509_vfy.h): a CRL in the CA file would make OpenSSL say it.
-X509_V_ERR_CERT_REVOKED = 23
+# SSL_CTX_ctrl commands and values (openssl/ssl.h), for the one setting Python does not expose.
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class CrlFacts:
 class ServerTls:
     context: ssl.SSLContext
     crl_by_issuer: dict[x509.Name, x509.CertificateRevocationList]
+    resumable: bool  # the session cache could not be switched off
     server_cert: CertFacts
     ca_certs: tuple[CertFacts, ...]
     crls: tuple[CrlFacts, ...]
@@ -90,6 +93,32 @@ class AlertKeepingSSLObject(ssl.SSLObject):
             if not isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
                 exc.dwsproxy_alert = self._outgoing.read()  # type: ignore[attr-defined]
             raise
+
+
+def disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF), as PostgreSQL's be_tls_init
+    does. Without it a TLS 1.2 client may resume a session whose certificate was refused (or
+    revoked since), and a resumed session has no verified chain to re-check against the CRLs.
+    Python has no API for it: the SSL_CTX pointer is read from the SSLContext object and checked
+    (its options must read back as ctx.options) before anything is written; False when unsure."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # dlsym: its libssl
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
+                                     ctypes.c_void_p]
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        # PySSLContext: PyObject_HEAD (refcount, type), then `SSL_CTX *ctx`.
+        ptr = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
+            return False
+        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        return bool(lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)
+                    == _SSL_SESS_CACHE_OFF)
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 def name_to_str(name: x509.Name) -> str:
@@ -261,6 +290,10 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
                     | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET)
     ctx.num_tickets = 0
+    resumable = not disable_session_cache(ctx)
+    if resumable:
+        log.warning("could not switch off the TLS session cache: resumed sessions with a "
+                    "client certificate will be refused (their chain cannot be re-checked)")
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
     ctx.sslobject_class = AlertKeepingSSLObject
 
@@ -269,6 +302,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
     key_pem = _read(tls.ssl_key_file, "tls.ssl_key_file")
     password = b""
     if tls.ssl_passphrase_file:
+        check_key_permissions(tls.ssl_passphrase_file, "tls.ssl_passphrase_file")
         password = _read(tls.ssl_passphrase_file, "tls.ssl_passphrase_file").rstrip(b"\r\n")
     encrypted = b"ENCRYPTED" in key_pem
     if encrypted and not password:
@@ -309,6 +343,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
             by_issuer[crl.issuer] = crl
     return ServerTls(
         context=ctx,
+        resumable=resumable,
         crl_by_issuer=by_issuer,
         server_cert=server_cert,
         ca_certs=tuple(cert_facts(c) for c in ca_certs),
@@ -334,8 +369,6 @@ def _warn_cas_without_crl(cas: list[x509.Certificate],
 def handshake_failure(exc: BaseException) -> tuple[str, str]:
     """(metrics reason, one-line explanation for the log) of a failed server-side handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code == X509_V_ERR_CERT_REVOKED:
-            return "client_cert_revoked", "client certificate revoked"
         return "client_cert_invalid", f"client certificate invalid: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
@@ -363,9 +396,14 @@ def check_revocation(server_tls: ServerTls, ssl_object: ssl.SSLObject,
     """CRL check of every certificate of a verified client chain, the trust anchor included,
     as OpenSSL's X509_V_FLAG_CRL_CHECK_ALL does: each needs its issuer's CRL (fail closed),
     correctly signed and not past its nextUpdate. Returns (reason, message) or None."""
+    if ssl_object.session_reused and server_tls.resumable:
+        return ("client_cert_invalid",
+                "client certificate refused: resumed TLS session (its chain cannot be re-checked)")
     if not server_tls.crl_by_issuer:
         return None
     chain = verified_chain(ssl_object)
+    if not chain:  # fail closed: nothing to check is not "nothing revoked"
+        return ("client_cert_invalid", "client certificate refused: no verified chain to check")
     for i, cert in enumerate(chain):
         issuer_cert = chain[i + 1] if i + 1 < len(chain) else cert
         issuer = name_to_str(cert.issuer)

@@ -227,6 +227,8 @@ def test_encrypted_server_key(tmp_path: Path, pki2: Pki, start_proxy: Callable[.
     certs.write_key(tmp_path / "enc.key", key, passphrase=b"correct horse")
     (tmp_path / "pass").write_text("correct horse\n")
     (tmp_path / "wrong").write_text("battery staple\n")
+    for secret in ("pass", "wrong"):
+        (tmp_path / secret).chmod(0o600)  # a passphrase file is a secret: 0600 like the key
     tls = {"ssl_cert_file": str(tmp_path / "enc.crt"), "ssl_key_file": str(tmp_path / "enc.key")}
     proxy = start_proxy(tls={**tls, "ssl_passphrase_file": str(tmp_path / "pass")})
     assert psql(proxy, pki2, None).returncode == 0

@@ -28,7 +28,7 @@ from conftest import (
 )
 from cryptography import x509
 
-from proxy import certs
+from proxy import certs, wire
 from proxy.demo import TempPostgres, find_pg_binary, free_port
 
 
@@ -345,3 +345,79 @@ def test_json_log_line_has_no_secret(start_proxy: Callable[..., Proxy], pki: Pat
         assert key in session
     assert session["encryption"] == "tls" and session["bytes_out"] > 0
     assert "hunter2" not in text
+
+
+def test_idle_timeout_with_a_client_that_never_reads(start_proxy: Callable[..., Proxy]) -> None:
+    import struct
+
+    proxy = start_proxy(tls={"ssl": False}, listen={"idle_timeout": 1.0})
+    sock = raw_connect(proxy.port, timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(wire.build_startup_message({"user": "postgres", "database": "postgres"}))
+    query = b"SELECT repeat('x', 1000000) FROM generate_series(1, 300)\0"
+    sock.sendall(b"Q" + struct.pack("!i", len(query) + 4) + query)
+    proxy.wait_metric("dwsproxy_active_connections", 1, encryption="plain")
+    # The client never reads: the proxy's graceful close cannot flush, so it must give up.
+    proxy.wait_metric("dwsproxy_active_connections", 0, timeout=15, encryption="plain")
+    assert "outcome=idle_timeout" in proxy.log()
+    sock.close()
+
+
+def worker_pids(proxy: Proxy) -> set[str]:
+    return set(re.findall(r"worker \d+ started \(pid (\d+)\)", proxy.log()))
+
+
+def test_worker_restart_and_reload_while_starting(start_proxy: Callable[..., Proxy],
+                                                 pki: Path) -> None:
+    proxy = start_proxy(listen={"workers": 2})
+    first = worker_pids(proxy)
+    assert len(first) == 1
+    os.kill(int(next(iter(first))), signal.SIGKILL)
+    proxy.wait_log("restarting in")
+    deadline = time.monotonic() + 10
+    while len(worker_pids(proxy)) < 2 and time.monotonic() < deadline:
+        proxy.signal(signal.SIGHUP)  # reloads while the new worker is still importing
+        time.sleep(0.05)
+    time.sleep(1.0)
+    pids = worker_pids(proxy)
+    assert len(pids) == 2, proxy.log()
+    new = (pids - first).pop()
+    assert Path(f"/proc/{new}").exists(), "the restarted worker was killed by a SIGHUP"
+    for _ in range(10):
+        connect(proxy, pki).close()
+    assert proxy.http("/healthz")[0] == 200
+
+
+def test_worker_exits_when_the_main_process_dies(start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(listen={"workers": 2})
+    (pid,) = worker_pids(proxy)
+    proxy.proc.kill()
+    proxy.proc.wait(5)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or \
+        "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_certificate_gauge_follows_a_reload_with_workers(start_proxy: Callable[..., Proxy],
+                                                         pki: Path, tmp_path: Path) -> None:
+    for name in ("server.crt", "server.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    os.chmod(tmp_path / "server.key", 0o600)
+    proxy = start_proxy(listen={"workers": 2},
+                        tls={"ssl_cert_file": str(tmp_path / "server.crt"),
+                             "ssl_key_file": str(tmp_path / "server.key")})
+
+    def server_subjects() -> set[str]:
+        return {dict(labels)["subject"] for (name, labels) in proxy.metrics()
+                if name == "dwsproxy_certificate_expiry_timestamp_seconds"
+                and dict(labels)["role"] == "server"}
+
+    assert server_subjects() == {"CN=localhost,O=dwsproxy"}
+    cert, key = certs.issue(certs.load_ca(pki), "renewed.example", server=True)
+    certs.write_certs(tmp_path / "server.crt", cert)
+    certs.write_key(tmp_path / "server.key", key)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_metric("dwsproxy_config_reloads_total", 1, result="success")
+    assert server_subjects() == {"CN=renewed.example,O=dwsproxy"}

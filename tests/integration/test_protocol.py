@@ -306,3 +306,14 @@ def test_demo_non_interactive(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "24/24 cells as the seed's Table 3 says" in proc.stdout
     assert proc.stdout.count(" ok ") == 24
+
+
+def test_half_close_during_startup_loses_nothing(start_proxy: Callable[..., Proxy]) -> None:
+    plain = start_proxy(tls={"ssl": False})
+    sock = raw_connect(plain.port)
+    query = b"SELECT 'early bird'\0"
+    sock.sendall(wire.build_startup_message({"user": "postgres", "database": "postgres"})
+                 + b"Q" + struct.pack("!i", len(query) + 4) + query)
+    sock.shutdown(socket.SHUT_WR)  # FIN before the proxy has even reached the backend
+    reply = read_until_close(sock)
+    assert b"early bird" in reply

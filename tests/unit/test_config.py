@@ -118,9 +118,11 @@ def test_encrypted_key_with_passphrase_file(bundle: Path) -> None:
     certs.write_certs(bundle / "enc.crt", cert)
     certs.write_key(bundle / "enc.key", key, passphrase=b"s3cret pass")
     (bundle / "pass").write_text("s3cret pass\n")
+    os.chmod(bundle / "pass", 0o600)
     base = ("[tls]\nssl_cert_file = 'enc.crt'\nssl_key_file = 'enc.key'\n")
     assert config.load(str(write(bundle, base + "ssl_passphrase_file = 'pass'\n"))).server_tls
     (bundle / "wrong").write_text("nope\n")
+    os.chmod(bundle / "wrong", 0o600)
     err = load_error(bundle, base + "ssl_passphrase_file = 'wrong'\n")
     assert err.key == "tls.ssl_passphrase_file" and "wrong passphrase" in str(err)
     err = load_error(bundle, base)
@@ -190,3 +192,33 @@ def test_certs_cli_writes_private_keys_0600(tmp_path: Path) -> None:
     crl = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
     alice = x509.load_pem_x509_certificate((out / "alice.crt").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(alice.serial_number) is not None
+
+
+def test_default_paths_are_relative_to_the_config_file(bundle: Path, monkeypatch) -> None:
+    monkeypatch.chdir("/")
+    cfg = config.load(str(write(bundle, "[listen]\nport = 7000\n")))  # default certs/server.*
+    assert cfg.tls.ssl_key_file == str(bundle / "certs" / "server.key")
+
+
+def test_impossible_combinations(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "ssl = false\nclientcert = 'verify-ca'\n"
+                     "ssl_ca_file = 'certs/cacert.pem'\n")
+    assert err.key == "tls.clientcert"
+    assert load_error(bundle, "[listen]\nworkers = 2\nport = 0\n" + BASE).key == "listen.port"
+    assert load_error(bundle, "[backend]\nsslcert = 'x.crt'\n" + BASE).key == "backend.sslcert"
+
+
+def test_passphrase_file_must_be_private(bundle: Path) -> None:
+    (bundle / "pass").write_text("x\n")
+    os.chmod(bundle / "pass", 0o644)
+    err = load_error(bundle, BASE + "ssl_passphrase_file = 'pass'\n")
+    assert err.key == "tls.ssl_passphrase_file" and "chmod 600" in str(err)
+
+
+def test_log_values_cannot_forge_lines() -> None:
+    from proxy.cli import _kv
+
+    assert _kv("alice") == "alice"
+    assert _kv("evil\r\noutcome=ok") == '"evil\\r\\noutcome=ok"'
+    assert _kv("\x1b[31mred") == '"\\u001b[31mred"'
+    assert _kv("a b") == '"a b"' and _kv("") == '""'

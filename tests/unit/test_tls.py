@@ -13,11 +13,11 @@ from proxy import certs, tls
 from proxy.config import TlsConfig
 
 
-def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
-              ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
+              session: ssl.SSLSession | None = None) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
     done = {"s": False, "c": False}
     for _ in range(20):
         for name, obj in (("c", client), ("s", server)):
@@ -164,3 +164,19 @@ def test_plain_tls_config_does_not_load_cryptography(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("cache_off", [True, False])
+def test_tls12_resumption_cannot_skip_the_crl_check(setup: dict, monkeypatch: pytest.MonkeyPatch,
+                                                    cache_off: bool) -> None:
+    if not cache_off:  # as if the session cache could not be switched off
+        monkeypatch.setattr(tls, "disable_session_cache", lambda ctx: False)
+    ctx, serial = client_ctx(setup, setup["root"])
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    st = server_tls(setup, [certs.make_crl(setup["root"], [serial])])
+    first, client = handshake(st.context, ctx)
+    assert tls.check_revocation(st, first, time.time())[0] == "client_cert_revoked"
+    second, _ = handshake(st.context, ctx, client.session)
+    assert second.session_reused is (not cache_off)
+    reason, _ = tls.check_revocation(st, second, time.time())
+    assert reason in ("client_cert_revoked", "client_cert_invalid")
