@@ -210,7 +210,14 @@ class Session:
         return endpoint
 
     async def _send_raw(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
+        # A fresh socket's send buffer is empty: `S`/`N` or an ErrorResponse goes out in one
+        # send(); the loop's sock_sendall costs ~10% of a connection's CPU under uvloop.
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            await self.loop.sock_sendall(self.sock, data[sent:])
 
     async def _start_tls(self) -> bool:
         server_tls = self.cfg.server_tls
