@@ -169,7 +169,9 @@ def psql_try(port: int, sslmode: str, rootcert: Path) -> tuple[str, str]:
     proc = subprocess.run([psql, conninfo, "-X", "-c", "\\conninfo"], capture_output=True,
                           text=True, env=env, timeout=30)
     if proc.returncode != 0:
-        return "refused", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        # "psql: error: connection to server at … failed: FATAL:  …": keep what follows.
+        first = proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else ""
+        return "refused", first.rsplit("failed: ", 1)[-1]
     if "SSL connection (protocol:" in proc.stdout:
         line = next(ln for ln in proc.stdout.splitlines() if "SSL connection" in ln)
         return "TLS", line.strip()
@@ -207,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
                         failures += result != want
                         rows.append((ssl_on, require, mode, result))
                         print(f"{'on' if ssl_on else 'off':<4} {'on' if require else 'off':<12} "
-                              f"{mode:<12} {result:<10} {mark}  {text[:70]}")
+                              f"{mode:<12} {result:<10} {mark}  {text[:90]}")
         print("-" * 100)
         print(f"{len(rows) - failures}/{len(rows)} cells as the seed's Table 3 says")
         if args.no_wait:
