@@ -35,6 +35,7 @@ class Endpoint(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
         self._paused_for_buffer = False
+        self._close_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,12 +78,17 @@ class Endpoint(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_timer is not None:
+            # A pending timer would keep this endpoint (transport, SSL object, buffers) alive.
+            self._close_timer.cancel()
+            self._close_timer = None
         self.eof = True
         self._wake()
         if not self.closed.done():
             self.closed.set_result(None)
-        if self.peer is not None:
-            self.peer.close(abort=exc is not None)
+        peer, self.peer = self.peer, None  # break the client <-> backend reference cycle
+        if peer is not None:
+            peer.close(abort=exc is not None)
 
     def pause_writing(self) -> None:
         # Our outgoing buffer is full: stop reading the side that fills it.
@@ -128,7 +134,8 @@ class Endpoint(asyncio.Protocol):
             transport.abort()
         elif not transport.is_closing():
             transport.close()
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort_if_open)
+            self._close_timer = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         if self.transport is not None and not self.closed.done():
