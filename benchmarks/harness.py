@@ -9,6 +9,7 @@ started here is owned by a `Stack` and stopped by `Stack.close()`, which the cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -28,7 +29,7 @@ if str(REPO) not in sys.path:  # `proxy` is installed editable, but do not depen
     sys.path.insert(0, str(REPO))
 
 from proxy import certs as certs_mod  # noqa: E402
-from proxy.demo import TempPostgres, find_pg_binary, free_port, wait_port  # noqa: E402
+from proxy.demo import TempPostgres, find_pg_binary, free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address any benchmark traffic goes to
 PG_MAX_CONNECTIONS = 1200
@@ -104,6 +105,16 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
                  extra_pids: list[int] | None = None) -> None:
     """SIGTERM, wait, then SIGKILL the process and any descendants we recorded."""
@@ -118,10 +129,8 @@ def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
         except ProcessLookupError:
             pass
     for pid in extra_pids or []:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -155,7 +164,8 @@ class Target:
 class Stack:
     """PostgreSQL (TLS on), optionally a PgBouncer, and dwsproxy instances, on 127.0.0.1."""
 
-    def __init__(self, work: Path | None = None) -> None:
+    def __init__(self, work: Path | None = None, proxy_src: Path | None = None) -> None:
+        self.proxy_src = proxy_src  # None: the repo's own proxy/ (the venv's dwsproxy)
         self.work = work or Path(tempfile.mkdtemp(prefix="dwsproxy-bench-"))
         os.chmod(self.work, 0o755)  # PgBouncer runs as `postgres` and reads its files here
         self.certs = self.work / "certs"
@@ -210,12 +220,12 @@ class Stack:
         return count
 
     # -- PgBouncer --
-    def start_pgbouncer(self) -> Target:
+    def start_pgbouncer(self, name: str = "pgbouncer") -> Target:
         assert self.pg is not None
         binary = pgbouncer_binary()
         if binary is None:
             raise FileNotFoundError("pgbouncer not installed (apt-get install -y pgbouncer)")
-        pdir = self.work / "pgbouncer"
+        pdir = self.work / name
         pdir.mkdir()
         port = free_port()
         # PgBouncer refuses to run as root: it runs as `postgres`, and reads its own copy of the
@@ -260,10 +270,10 @@ pidfile = {pdir / 'pgbouncer.pid'}
         proc = subprocess.Popen([binary, str(pdir / "pgbouncer.ini")], user=user,
                                 group=user, stdout=subprocess.DEVNULL,
                                 stderr=open(pdir / "stderr.log", "wb"))
-        target = Target("pgbouncer", port, proc=proc, log_path=pdir / "stderr.log")
-        self._procs.append(("pgbouncer", proc, target))
+        target = Target(name, port, proc=proc, log_path=pdir / "stderr.log")
+        self._procs.append((name, proc, target))
         self._wait_up(target)
-        self.targets["pgbouncer"] = target
+        self.targets[name] = target
         return target
 
     # -- dwsproxy --
@@ -297,20 +307,36 @@ host = "{HOST}"
 port = {mport}
 """)
         exe = REPO / ".venv" / "bin" / "dwsproxy"
-        argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"])
+        env = dict(os.environ)
+        if self.proxy_src is not None:
+            # a candidate tree (e.g. a scratch copy with a change to try): `python -m
+            # proxy.cli` from there; its workers inherit PYTHONPATH
+            argv = [sys.executable, "-m", "proxy.cli"]
+            env["PYTHONPATH"] = str(self.proxy_src)
+            cwd = str(self.proxy_src)
+        else:
+            argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"]
+            cwd = str(REPO)
         logp = self.work / f"{name}.log"
         proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                                stderr=open(logp, "wb"), cwd=str(REPO))
+                                stderr=open(logp, "wb"), cwd=cwd, env=env)
         target = Target(name, port, proc=proc, workers=workers, log_path=logp)
         self._procs.append((name, proc, target))
         self._wait_up(target)
         if workers != "1":
-            # the workers bind after the parent starts them: wait until all are there
+            # The other workers start (and bind with SO_REUSEPORT) after the main process
+            # listens: wait until `workers` processes exist (the main one may itself be a
+            # worker, or only supervise) and the process tree has stopped changing for 1 s.
             want = (os.cpu_count() or 1) if workers == "auto" else int(workers)
             deadline = time.monotonic() + 20
-            while len(children_of(proc.pid)) < want and time.monotonic() < deadline:
+            last, stable_since = -1, time.monotonic()
+            while time.monotonic() < deadline:
+                n = 1 + len(children_of(proc.pid))
+                if n != last:
+                    last, stable_since = n, time.monotonic()
+                elif n >= want and time.monotonic() - stable_since >= 1.0:
+                    break
                 time.sleep(0.1)
-            time.sleep(0.5)
         target.known_children = children_of(proc.pid)
         self.targets[name] = target
         return target
@@ -378,6 +404,18 @@ def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
     return float(m.group(1)), text
 
 
+def pgbench_init(port: int, scale: int = 10) -> str:
+    """pgbench -i -s SCALE over TLS (run once, directly against PostgreSQL)."""
+    exe = shutil.which("pgbench") or find_pg_binary("pgbench")
+    assert exe, "pgbench not found"
+    out = subprocess.run([exe, "-h", HOST, "-p", str(port), "-U", "postgres", "-i", "-s",
+                          str(scale), "-q", "postgres"], env=client_env(), capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed: {out.stderr[-2000:]}")
+    return out.stderr
+
+
 def copy_out(port: int, rows: int, width: int = 1000, timeout: float = 300.0) -> tuple[float,
                                                                                        int]:
     """COPY ~rows*(width+1) bytes TO STDOUT through psql (TLS), output to /dev/null.
@@ -419,7 +457,7 @@ async def _hold_sessions(port: int, count: int, concurrency: int, on_open) -> di
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     conninfo(port, application_name="dwsproxy-bench-idle"), autocommit=True)
-            except Exception as exc:  # noqa: BLE001 - counted and reported
+            except Exception as exc:  # counted and reported
                 errors.append(repr(exc))
                 return
             conns.append(conn)
@@ -475,10 +513,8 @@ def machine_info() -> dict[str, str | int]:
     except ImportError:
         uv = "not installed"
     mem = ""
-    try:
+    with contextlib.suppress(OSError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except OSError:
-        pass
     try:
         git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=10).stdout.strip()

@@ -1,0 +1,436 @@
+"""dwsproxy against PgBouncer and direct TLS to PostgreSQL: run by `benchmarks/run`.
+
+Starts (all on 127.0.0.1) a throwaway PostgreSQL with `ssl = on`, a PgBouncer (session pooling,
+client TLS required) and dwsproxy (require_ssl) with `workers = "auto"` and with `workers = 1`,
+then measures, alternating the targets A B C D A B C D … within each test and repeating every
+test `--reps` times:
+
+  select_8 / select_32   pgbench -S TPS, 8 and 32 clients (-j 2)
+  connect_8              pgbench -S -C TPS (a new TLS connection per transaction), 8 clients
+  copy_out               psql COPY (SELECT repeat('x', 1000) FROM generate_series(…)) TO STDOUT
+                         (~500 MB) to /dev/null, MB/s (1 MB = 10^6 bytes)
+  idle_1000_rss          VmRSS summed over the proxy's processes while 1000 TLS sessions (each
+                         authenticated, each on its own PostgreSQL backend) are held idle
+
+Medians, ratios and the project's targets go to stdout and to benchmarks/results/latest.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import harness as h
+
+TESTS = {
+    "select_8": ("pgbench -S, 8 clients", "TPS", True),
+    "select_32": ("pgbench -S, 32 clients", "TPS", True),
+    "connect_8": ("pgbench -S -C (new TLS connection per txn), 8 clients", "TPS", True),
+    "copy_out": ("COPY ~500 MB TO STDOUT via psql", "MB/s", True),
+    "idle_1000_rss": ("proxy RSS, 1000 idle TLS sessions (all processes)", "MB", False),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=10,
+                   help="seconds per pgbench run (-T), default 10")
+    p.add_argument("--reps", type=int, default=3, help="rounds of every test, default 3")
+    p.add_argument("--copy-rows", type=int, default=500_000,
+                   help="rows of 1000 bytes (+newline) per COPY, default 500000 (~500 MB)")
+    p.add_argument("--copies-per-round", type=int, default=2,
+                   help="COPY runs per target per round (all are samples), default 2")
+    p.add_argument("--idle", type=int, default=1000, help="idle TLS sessions, default 1000")
+    p.add_argument("--workers", default="auto,1",
+                   help="dwsproxy `workers` settings to compare; the first is the headline "
+                        "(default auto,1)")
+    p.add_argument("--tests", default=",".join(TESTS),
+                   help=f"comma-separated subset of {', '.join(TESTS)}")
+    p.add_argument("--out", default=str(h.REPO / "benchmarks" / "results"),
+                   help="folder for latest.json / latest.md")
+    p.add_argument("--tag", default="latest", help="base name of the result files")
+    p.add_argument("--proxy-src", default="",
+                   help="run dwsproxy from this source tree (a folder holding proxy/) instead "
+                        "of the repo's; to measure a candidate change on a scratch copy")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: -T 2, 1 round, 20000-row COPY, 100 idle sessions; "
+                        "results are written as quick.{json,md}")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.reps, args.copy_rows, args.copies_per_round = 2, 1, 20_000, 1
+        args.idle = 100
+        if args.tag == "latest":
+            args.tag = "quick"
+    args.tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    unknown = [t for t in args.tests if t not in TESTS]
+    if unknown:
+        p.error(f"unknown tests: {unknown}")
+    args.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    for w in args.workers:
+        if w != "auto" and not w.isdigit():
+            p.error(f"--workers: {w!r} is neither auto nor a number")
+    return args
+
+
+def dws_name(workers: str) -> str:
+    return "dwsproxy" if workers == "auto" else f"dwsproxy-w{workers}"
+
+
+def idle_twin(name: str) -> str:
+    return f"{name}-idle"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "ratio":
+        return f"{value:.2f}×"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.1f}"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = h.Stack(proxy_src=Path(args.proxy_src).resolve() if args.proxy_src
+                             else None)
+        self.samples: dict[str, dict[str, list[float]]] = {t: {} for t in args.tests}
+        self.details: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in args.tests}
+        self.tls: dict[str, str] = {}
+        self.order: list[str] = []
+        self.after_load: dict[str, dict[str, float | int]] = {}
+
+    # -- set-up --
+    def setup(self) -> None:
+        st = self.stack
+        direct = st.start_postgres()
+        h.log(f"PostgreSQL (ssl = on) on {h.HOST}:{direct.port}, max_connections = "
+              f"{h.PG_MAX_CONNECTIONS}")
+        h.pgbench_init(direct.port, 10)
+        h.log("pgbench -i -s 10 done (directly, over TLS)")
+        pgb = st.start_pgbouncer()
+        h.log(f"PgBouncer on {h.HOST}:{pgb.port} (pid {pgb.proc.pid}, user postgres)")
+        self.order = ["direct", "pgbouncer"]
+        for w in self.args.workers:
+            t = st.start_dwsproxy(dws_name(w), w)
+            self.order.append(t.name)
+            h.log(f"{t.name} (workers = {w}) on {h.HOST}:{t.port}: {len(t.pids())} process(es) "
+                  f"{t.pids()}")
+        if "idle_1000_rss" in self.args.tests:
+            # The idle-session memory test uses instances of their own that carry no other
+            # load, so that its figure does not depend on what the throughput tests left in the
+            # allocators (that is reported apart, as RSS after the load tests).
+            for name in self.order[1:]:
+                twin = idle_twin(name)
+                if name == "pgbouncer":
+                    t = st.start_pgbouncer(twin)
+                else:
+                    t = st.start_dwsproxy(twin, st.targets[name].workers)
+                h.log(f"{twin} (idle-session test only) on {h.HOST}:{t.port}: "
+                      f"{len(t.pids())} process(es), RSS {t.memory()['rss_mb']} MB")
+        for name in self.order:
+            self.tls[name] = st.check_tls(st.targets[name])
+            h.log(f"{name}: psql sees SSL connection ({self.tls[name]})")
+        if "copy_out" in self.args.tests:
+            got = h.copy_bytes_check(st.targets[self.order[-1]].port)
+            if got != 1000 * 1001:
+                raise RuntimeError(f"COPY size check: expected 1001000 bytes, got {got}")
+
+    # -- measurements --
+    def add(self, test: str, target: str, value: float, **detail: Any) -> None:
+        self.samples[test].setdefault(target, []).append(value)
+        self.details[test].setdefault(target, []).append({"value": value, **detail})
+
+    def run_test(self, test: str, target: str, rnd: int) -> None:
+        st, a = self.stack, self.args
+        t = st.targets[target]
+        d = str(a.duration)
+        if test in ("select_8", "select_32", "connect_8"):
+            clients = "32" if test == "select_32" else "8"
+            extra = ["-C"] if test == "connect_8" else []
+            pids = t.pids()
+            cpu0 = sum(h.cpu_seconds(pid) for pid in pids)
+            tps, out = h.pgbench(t.port, "-S", *extra, "-c", clients, "-j", "2", "-T", d,
+                                 "-n", timeout=a.duration + 120)
+            cpu = sum(h.cpu_seconds(pid) for pid in pids) - cpu0
+            lat = next((ln.split("=", 1)[1].strip() for ln in out.splitlines()
+                        if ln.startswith("latency average")), "")
+            # the proxy's own CPU time (user + system, all its processes) per transaction
+            us = round(cpu / (tps * a.duration) * 1e6, 1) if pids and tps else None
+            self.add(test, target, tps, latency=lat, proxy_cpu_us_per_txn=us)
+            h.log(f"round {rnd} {test:<13} {target:<12} {tps:>10,.0f} TPS  (latency {lat}"
+                  + (f", proxy CPU {us} us/txn)" if us is not None else ")"))
+        elif test == "copy_out":
+            for _ in range(a.copies_per_round):
+                sec, nbytes = h.copy_out(t.port, a.copy_rows)
+                mbps = nbytes / 1e6 / sec
+                self.add(test, target, mbps, seconds=round(sec, 3), bytes=nbytes)
+                h.log(f"round {rnd} {test:<13} {target:<12} {mbps:>10.1f} MB/s "
+                      f"({nbytes / 1e6:.0f} MB in {sec:.2f} s)")
+        elif test == "idle_1000_rss":
+            if target == "direct":
+                return  # no proxy process: reported as n/a
+            # PgBouncer keeps server connections for server_idle_timeout (2 s here): wait for the
+            # cluster to have room for the next 1000 sessions
+            left = st.wait_backends_below(60)
+            if left >= 60:
+                h.log(f"warning: {left} backends still connected before {target}'s idle test")
+            t = st.targets[idle_twin(target)]
+            before = t.memory()
+
+            def at_peak(n: int) -> dict[str, Any]:
+                return {"memory": t.memory(), "backends_seen": st.backend_count()}
+
+            res = h.hold_idle_sessions(t.port, a.idle, at_peak)
+            mem = res["memory"]
+            per_session = ((mem["rss_mb"] - before["rss_mb"]) * 1024 / res["opened"]
+                           if res["opened"] else None)
+            self.add(test, target, mem["rss_mb"], pss_mb=mem["pss_mb"],
+                     processes=mem["processes"], idle_rss_mb=before["rss_mb"],
+                     idle_pss_mb=before["pss_mb"],
+                     kib_per_session=round(per_session, 1) if per_session is not None
+                     else None,
+                     opened=res["opened"], backend_pids=res["backend_pids"],
+                     backends_seen=res["backends_seen"], open_seconds=res["open_seconds"],
+                     errors=res["error_count"], first_errors=res["errors"])
+            h.log(f"round {rnd} {test:<13} {t.name:<12} RSS {mem['rss_mb']:.1f} MB "
+                  f"(PSS {mem['pss_mb']:.1f}, {mem['processes']} proc, idle before "
+                  f"{before['rss_mb']:.1f} MB, {per_session or 0:.1f} KiB/session; "
+                  f"{res['opened']} opened in {res['open_seconds']} s, "
+                  f"{res['backend_pids']} distinct backends, {res['error_count']} errors)")
+            if res["opened"] < a.idle:
+                raise RuntimeError(f"{target}: only {res['opened']}/{a.idle} idle sessions "
+                                   f"opened: {res['errors']}")
+
+    def run(self) -> None:
+        for rnd in range(1, self.args.reps + 1):
+            for test in self.args.tests:
+                for target in self.order:  # A B C D, then A B C D again next round
+                    self.run_test(test, target, rnd)
+        # what the instances that carried the throughput tests hold now, with no sessions
+        for name in self.order[1:]:
+            self.after_load[name] = self.stack.targets[name].memory()
+
+    # -- report --
+    def summary(self, started: float, command: str) -> dict[str, Any]:
+        a = self.args
+        med: dict[str, dict[str, float | None]] = {}
+        for test in a.tests:
+            med[test] = {t: median(self.samples[test].get(t, [])) for t in self.order}
+        head = dws_name(a.workers[0])
+        ratios: dict[str, dict[str, float | None]] = {}
+        for test in a.tests:
+            ratios[test] = {}
+            for w in a.workers:
+                n = dws_name(w)
+                ratios[test][f"{n}/pgbouncer"] = ratio(med[test][n], med[test]["pgbouncer"])
+                ratios[test][f"{n}/direct"] = ratio(med[test][n], med[test]["direct"])
+        goals = []
+
+        def goal(test: str, text: str, value: float | None, ok: bool | None) -> None:
+            goals.append({"test": test, "target": text, "value": value, "met": ok})
+
+        if "select_32" in a.tests:
+            r = ratios["select_32"][f"{head}/pgbouncer"]
+            goal("select_32", f"pgbench -S 32 clients: {head} TPS >= 1.0x PgBouncer", r,
+                 None if r is None else r >= 1.0)
+        if "connect_8" in a.tests:
+            r = ratios["connect_8"][f"{head}/direct"]
+            goal("connect_8", f"new-connection rate: {head} >= 0.95x direct TLS", r,
+                 None if r is None else r >= 0.95)
+        if "copy_out" in a.tests:
+            r = ratios["copy_out"][f"{head}/direct"]
+            goal("copy_out", f"COPY out: {head} >= 1.0x direct TLS throughput", r,
+                 None if r is None else r >= 1.0)
+        if "idle_1000_rss" in a.tests:
+            v = med["idle_1000_rss"][head]
+            goal("idle_1000_rss", f"{a.idle} idle TLS sessions: {head} RSS (all processes "
+                 "summed) <= 100 MB", v, None if v is None else v <= 100.0)
+        # which workers setting did better, test by test
+        workers_cmp: dict[str, str] = {}
+        if len(a.workers) > 1:
+            for test in a.tests:
+                _, _, higher = TESTS[test]
+                vals = {w: med[test][dws_name(w)] for w in a.workers}
+                if any(v is None for v in vals.values()):
+                    continue
+                best = (max if higher else min)(vals, key=lambda w: vals[w])  # type: ignore
+                workers_cmp[test] = best
+        return {
+            "command": command,
+            "machine": h.machine_info(),
+            "settings": {
+                "duration_s": a.duration, "reps": a.reps, "pgbench_threads": 2,
+                "copy_rows": a.copy_rows, "copy_bytes": a.copy_rows * 1001,
+                "copies_per_round": a.copies_per_round, "idle_sessions": a.idle,
+                "dwsproxy_workers": {dws_name(w): w for w in a.workers},
+                "order": "per test, targets alternate " + " ".join(self.order) + " each round",
+                "pgbouncer": "session pooling, client_tls_sslmode=require, backend plaintext, "
+                             f"auth_type=trust, max_client_conn={h.PGBOUNCER_MAX_CLIENTS}, "
+                             f"default_pool_size={h.PGBOUNCER_POOL_SIZE}",
+                "postgresql": f"ssl=on (same ECDSA P-256 cert/key), max_connections="
+                              f"{h.PG_MAX_CONNECTIONS}, fsync=off, trust auth",
+                "dwsproxy": "require_ssl=true, backend plaintext, default logging (info)",
+                "dwsproxy_source": a.proxy_src or str(h.REPO / "proxy"),
+                "idle_rss_direct": "n/a: there is no proxy process in front of PostgreSQL",
+                "tls_seen_by_psql": self.tls,
+            },
+            "tests": {t: {"what": TESTS[t][0], "unit": TESTS[t][1],
+                          "higher_is_better": TESTS[t][2]} for t in a.tests},
+            "samples": self.samples,
+            "details": self.details,
+            "medians": med,
+            "ratios": ratios,
+            "targets": goals,
+            "workers_better": workers_cmp,
+            "rss_after_load_no_sessions": self.after_load,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+
+    def markdown(self, s: dict[str, Any]) -> str:
+        a = self.args
+        m = s["machine"]
+        dws = [dws_name(w) for w in a.workers]
+        cols = ["direct", "pgbouncer", *dws]
+        ratio_cols = [f"{n}/{b}" for n in dws for b in ("pgbouncer", "direct")]
+        lines = [
+            "# dwsproxy benchmark",
+            "",
+            f"Command: `{s['command']}`  ",
+            f"Date: {m['date']}; {m['nproc']} CPUs ({m['cpu_model']}), {m['memory']}, "
+            f"kernel {m['kernel']}  ",
+            f"Python {m['python']} (uvloop {m['uvloop']}, {m['openssl_python']}); "
+            f"{m['pgbouncer']}; {m['postgresql']}; {m['pgbench']}; commit {m['git_commit']}  ",
+            f"Each figure is the median of {a.reps} rounds (COPY: {a.reps * a.copies_per_round}"
+            f" runs); targets alternate {' → '.join(self.order)} within every test; pgbench "
+            f"-T {a.duration} -j 2, PGSSLMODE=require; everything on 127.0.0.1. Elapsed "
+            f"{s['elapsed_s']:.0f} s.",
+            "",
+            "| test | unit | " + " | ".join(cols) + " | " + " | ".join(ratio_cols) + " |",
+            "|---|---|" + "---:|" * (len(cols) + len(ratio_cols)),
+        ]
+        for test in a.tests:
+            what, unit, _ = TESTS[test]
+            what = what.replace("1000", str(a.idle))
+            row = [fmt(s["medians"][test].get(c)) for c in cols]
+            rr = [fmt(s["ratios"][test].get(rc), "ratio") for rc in ratio_cols]
+            lines.append(f"| {what} | {unit} | " + " | ".join(row) + " | " + " | ".join(rr)
+                         + " |")
+        lines += ["", "Targets (headline: `" + dws[0] + "`, workers = " + a.workers[0] + "):",
+                  ""]
+        for g in s["targets"]:
+            mark = {True: "**met**", False: "**not met**", None: "n/a"}[g["met"]]
+            val = fmt(g["value"], "ratio" if g["test"] != "idle_1000_rss" else "")
+            unit = " MB" if g["test"] == "idle_1000_rss" and g["value"] is not None else ""
+            lines.append(f"- {g['target']}: {val}{unit} — {mark}")
+        if s["workers_better"]:
+            lines += ["", "Better `workers` setting per test: " + ", ".join(
+                f"{t}: {w}" for t, w in s["workers_better"].items())]
+        cpu_rows = []
+        for test in ("select_8", "select_32", "connect_8"):
+            if test not in a.tests:
+                continue
+            vals = []
+            for name in cols[1:]:
+                us = [d["proxy_cpu_us_per_txn"] for d in self.details[test].get(name, [])
+                      if d.get("proxy_cpu_us_per_txn") is not None]
+                vals.append(f"{name} {statistics.median(us):.1f}" if us else f"{name} n/a")
+            cpu_rows.append(f"- {test}: " + ", ".join(vals))
+        if cpu_rows:
+            lines += ["", "Proxy CPU time per transaction (µs, user + system, all the proxy's "
+                      "processes, from /proc/PID/stat; median):", "", *cpu_rows]
+        if "idle_1000_rss" in a.tests:
+            lines += ["", f"Idle sessions ({a.idle}, each authenticated by PostgreSQL, "
+                      "one query run, each on its own backend), on separate instances that run "
+                      "nothing else, so later rounds show what the allocator kept from the "
+                      "earlier ones; direct: n/a (no proxy process):", ""]
+            for name in cols[1:]:
+                det = sorted(self.details["idle_1000_rss"].get(name, []),  # by RSS
+                             key=lambda d: d["value"])
+                first = self.details["idle_1000_rss"].get(name, [])
+                if first:
+                    f0 = first[0]
+                    lines.append(f"- {name}, round 1 (a fresh process): RSS {f0['value']:.1f} MB"
+                                 f" (PSS {f0['pss_mb']:.1f} MB); {f0['idle_rss_mb']:.1f} MB "
+                                 f"before the sessions; {f0['kib_per_session']} KiB per session")
+                if det:
+                    d = det[len(det) // 2]
+                    lines.append(f"- {name}, median round: RSS {d['value']:.1f} MB "
+                                 f"(PSS {d['pss_mb']:.1f} MB) "
+                                 f"in {d['processes']} process(es); {d['idle_rss_mb']:.1f} MB "
+                                 f"before the sessions; {d['kib_per_session']} KiB per session"
+                                 f"; {d['opened']} opened in {d['open_seconds']} s")
+            if self.after_load:
+                lines += ["", "RSS of the instances that ran the throughput tests, at the end, "
+                          "no sessions open: " + "; ".join(
+                              f"{k}: {v['rss_mb']} MB (PSS {v['pss_mb']} MB, "
+                              f"{v['processes']} proc)" for k, v in self.after_load.items())]
+        lines += ["", "TLS as psql saw it: " + "; ".join(f"{k}: {v}"
+                                                          for k, v in self.tls.items()),
+                  "", "Samples:", ""]
+        for test in a.tests:
+            for name in cols:
+                vals = s["samples"][test].get(name)
+                if vals:
+                    lines.append(f"- {test} {name}: " + ", ".join(f"{v:.1f}" for v in vals))
+        return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    command = os.environ.get("DWSPROXY_BENCH_COMMAND") or shlex.join(
+        ["benchmarks/run", *argv])
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Ctrl-C, kill, a closed terminal: all end in the `finally` that stops what we started
+    # (SIGINT explicitly too: a shell may start a background job with SIGINT ignored)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_term)
+    started = time.monotonic()
+    bench = Bench(args)
+    try:
+        bench.setup()
+        bench.run()
+    except KeyboardInterrupt:
+        h.log("interrupted: stopping everything")
+        return 130
+    finally:
+        h.log("stopping PostgreSQL, PgBouncer and dwsproxy")
+        bench.stack.close()
+    s = bench.summary(started, command)
+    md = bench.markdown(s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.json").write_text(json.dumps(s, indent=2) + "\n")
+    (out / f"{args.tag}.md").write_text(md)
+    print()
+    print(md)
+    h.log(f"wrote {out / (args.tag + '.json')} and {out / (args.tag + '.md')} "
+          f"({s['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
