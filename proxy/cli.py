@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,11 +37,16 @@ class KeyValueFormatter(logging.Formatter):
         return text
 
 
+# Anything a client could use to forge or garble a log line: spaces, quotes, '=', and every
+# character outside printable ASCII (CR, escapes; non-ASCII is JSON-escaped too).
+_NEEDS_QUOTES = re.compile(r'[^\x21\x23-\x3c\x3e-\x7e]')
+
+
 def _kv(value: object) -> str:
-    # Quote (JSON-escaped) anything a client could use to forge or garble a log line:
-    # spaces, quotes, '=', and every non-printable character (CR, escapes).
+    if isinstance(value, (int, float)):  # bool included: numbers never need quotes
+        return str(value)
     text = str(value)
-    if text == "" or not text.isprintable() or any(c in text for c in ' "='):
+    if text == "" or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 

@@ -98,16 +98,23 @@ for _reason in REJECT_REASONS:
     REJECTED.labels(_reason)
 for _answer in ("S", "N"):
     SSL_REQUESTS.labels(_answer)
-for _enc in ("tls", "plain"):
-    ACTIVE.labels(_enc)
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 _BYTES_C2B = BYTES.labels("client_to_backend")
 _BYTES_B2C = BYTES.labels("backend_to_client")
 
 
+_CONNECTION_SERIES: dict[tuple[str, str, bool], Any] = {}
+
+
 def accepted(encryption: str, tls_version: str, client_cert: bool) -> None:
-    CONNECTIONS.labels(encryption, tls_version, "verified" if client_cert else "none").inc()
+    # labels() takes a lock and builds a key each time: keep the few children it returns.
+    key = (encryption, tls_version, client_cert)
+    series = _CONNECTION_SERIES.get(key)
+    if series is None:
+        series = _CONNECTION_SERIES[key] = CONNECTIONS.labels(
+            encryption, tls_version, "verified" if client_cert else "none")
+    series.inc()
 
 
 def rejected(reason: str) -> None:
@@ -120,8 +127,11 @@ def ssl_request(answer: str) -> None:
     SSL_REQUESTS.labels(answer).inc()
 
 
+_ACTIVE_SERIES = {enc: ACTIVE.labels(enc) for enc in ("tls", "plain")}
+
+
 def active(encryption: str, delta: int) -> None:
-    ACTIVE.labels(encryption).inc(delta)
+    _ACTIVE_SERIES[encryption].inc(delta)
 
 
 def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
