@@ -32,7 +32,8 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check proxy tests
+	$(VENV)/bin/ruff check proxy tests benchmarks
+	$(VENV)/bin/mypy --strict --ignore-missing-imports proxy
 
 bench: setup
 	benchmarks/run

@@ -13,7 +13,7 @@ import fnmatch
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,7 +250,7 @@ _PATH_KEYS = {
 }
 
 
-def _section(raw: dict[str, Any], name: str, schema: dict[str, Callable[[str, object], Any]],
+def _section(raw: dict[str, Any], name: str, schema: Mapping[str, Callable[[str, object], Any]],
              base: Path, defaults: object) -> dict[str, Any]:
     table = raw.get(name, {})
     if not isinstance(table, dict):

@@ -159,10 +159,10 @@ def registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)
+        multiprocess.MultiProcessCollector(reg)  # type: ignore[no-untyped-call]
     else:
         reg = REGISTRY
-    reg.register(TLS_FACTS)  # type: ignore[arg-type]
+    reg.register(TLS_FACTS)  # type: ignore[arg-type,unused-ignore]
     return reg
 
 
@@ -170,7 +170,7 @@ def mark_process_dead(pid: int) -> None:
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 async def serve_http(host: str, port: int,

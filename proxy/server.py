@@ -158,7 +158,7 @@ class BackendHealth:
 
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]  # glibc only
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return,unused-ignore]  # glibc
     except (OSError, AttributeError):
         return None
 

@@ -112,7 +112,12 @@ class Session:
     async def _wait_readable(self) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
         fd = self.sock.fileno()
-        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_reader(fd, readable)
         try:
             await fut
         finally:

@@ -77,7 +77,7 @@ class AlertKeepingSSLObject(ssl.SSLObject):
     _outgoing: ssl.MemoryBIO
 
     @classmethod
-    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                 server_side: bool = False, server_hostname: str | None = None,
                 session: ssl.SSLSession | None = None,
                 context: ssl.SSLContext | None = None) -> AlertKeepingSSLObject:
