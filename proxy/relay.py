@@ -88,6 +88,9 @@ class Endpoint(asyncio.Protocol):
             self.closed.set_result(None)
         peer, self.peer = self.peer, None  # break the client <-> backend reference cycle
         if peer is not None:
+            # What the peer still receives has nowhere to go: it must not be written to this
+            # closed transport (uvloop raises there); it is buffered (bounded) until it closes.
+            peer.peer = None
             peer.close(abort=exc is not None)
 
     def pause_writing(self) -> None:
