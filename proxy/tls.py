@@ -58,6 +58,8 @@ class CrlFacts:
 class ServerTls:
     context: ssl.SSLContext
     crl_by_issuer: dict[x509.Name, x509.CertificateRevocationList]
+    # (issuer, issuer key DER) -> its CRL's signature is valid: verified once, not per client
+    crl_signature_ok: dict[tuple[x509.Name, bytes], bool]
     resumable: bool  # the session cache could not be switched off
     server_cert: CertFacts
     ca_certs: tuple[CertFacts, ...]
@@ -345,6 +347,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
         context=ctx,
         resumable=resumable,
         crl_by_issuer=by_issuer,
+        crl_signature_ok={},
         server_cert=server_cert,
         ca_certs=tuple(cert_facts(c) for c in ca_certs),
         crls=tuple(
@@ -352,7 +355,7 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
                 issuer=name_to_str(c.issuer),
                 next_update=c.next_update_utc.timestamp() if c.next_update_utc else None,
             )
-            for c in crls
+            for c in by_issuer.values()
         ),
     )
 
@@ -391,6 +394,19 @@ def verified_chain(ssl_object: ssl.SSLObject) -> list[x509.Certificate]:
             for c in getter() or []]
 
 
+def _crl_signature_ok(server_tls: ServerTls, crl: x509.CertificateRevocationList,
+                      issuer_cert: x509.Certificate) -> bool:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = issuer_cert.public_key()
+    cache_key = (crl.issuer, key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    ok = server_tls.crl_signature_ok.get(cache_key)
+    if ok is None:
+        ok = server_tls.crl_signature_ok[cache_key] = crl.is_signature_valid(
+            key)  # type: ignore[arg-type]
+    return ok
+
+
 def check_revocation(server_tls: ServerTls, ssl_object: ssl.SSLObject,
                      now: float) -> tuple[str, str] | None:
     """CRL check of every certificate of a verified client chain, the trust anchor included,
@@ -412,7 +428,7 @@ def check_revocation(server_tls: ServerTls, ssl_object: ssl.SSLObject,
             return ("client_cert_invalid",
                     f"client certificate refused: no CRL loaded for issuer \"{issuer}\" "
                     f"(of \"{name_to_str(cert.subject)}\"); CRL checking fails closed")
-        if not crl.is_signature_valid(issuer_cert.public_key()):  # type: ignore[arg-type]
+        if not _crl_signature_ok(server_tls, crl, issuer_cert):
             return ("client_cert_invalid",
                     f"client certificate refused: the CRL of \"{issuer}\" has a bad signature")
         if crl.next_update_utc is not None and crl.next_update_utc.timestamp() < now:
