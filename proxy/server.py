@@ -243,7 +243,6 @@ async def _drain(state: ServerState, grace: float) -> None:
             task.cancel()
 
 
-
 WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 MAIN_PID_ENV = "DWSPROXY_MAIN_PID"
 
@@ -260,6 +259,7 @@ class Workers:
         self.started: dict[int, float] = {}
         for slot in range(1, count):
             self._spawn(slot)
+        self.watcher = asyncio.get_running_loop().create_task(self.watch())
 
     def _spawn(self, slot: int) -> None:
         # The child inherits a blocked SIGHUP/SIGTERM/SIGINT through exec and unblocks them once
@@ -304,6 +304,10 @@ class Workers:
         for proc in self.procs.values():
             proc.send_signal(sig)
 
+    def stop(self) -> None:
+        self.watcher.cancel()  # no restarts while stopping
+        self.signal(signal.SIGTERM)
+
     async def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         clean = True
@@ -337,7 +341,6 @@ async def serve(cfg: Config, *, worker: bool = False,
     stop = asyncio.Event()
     http = None
     workers: Workers | None = None
-    watcher = None
     if not worker:
         health = BackendHealth()
         try:  # before any worker exists: a busy metrics port fails the start cleanly
@@ -354,7 +357,6 @@ async def serve(cfg: Config, *, worker: bool = False,
         metrics.config_loaded(cfg.server_tls, reload=False)
         if cfg.listen.workers > 1:
             workers = Workers(cfg.listen.workers, worker_argv or [])
-            watcher = loop.create_task(workers.watch())
     else:
         background.append(loop.create_task(_watch_parent(stop)))
 
@@ -371,9 +373,8 @@ async def serve(cfg: Config, *, worker: bool = False,
     log.info("shutting down: no new connections; %d open, waiting up to %.0fs",
              len(state.tasks), cfg.listen.shutdown_grace)
     listener.close()
-    if workers is not None and watcher is not None:
-        watcher.cancel()  # no restarts while stopping
-        workers.signal(signal.SIGTERM)
+    if workers is not None:
+        workers.stop()
     await _drain(state, state.config.listen.shutdown_grace)
     status = 0
     if workers is not None and not await workers.wait(

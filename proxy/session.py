@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import metrics, policy, tls, wire
-from .relay import Endpoint, link
+from .relay import CLOSE_TIMEOUT, Endpoint, link
 
 if TYPE_CHECKING:
     from .config import Config
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dwsproxy.session")
 
-TLS_SHUTDOWN_TIMEOUT = 3.0
 _PID = os.getpid()
 
 
@@ -181,9 +180,9 @@ class Session:
                 if self._has_pending_bytes():
                     # CVE-2021-23214: bytes sent before our answer could have been injected by a
                     # man in the middle; never let them reach the TLS or the backend.
-                    await self._send_raw(wire.error_response(
-                        wire.PROTOCOL_VIOLATION, "received unencrypted data after SSL request",
-                        detail="refused by dwsproxy: SQLSTATE 08P01, reason bad_startup"))
+                    await self._send_raw(_refusal(
+                        "bad_startup", wire.PROTOCOL_VIOLATION,
+                        "received unencrypted data after SSL request"))
                     self._reject("bad_startup", "unencrypted data after SSLRequest "
                                  "(CVE-2021-23214)")
                     return False
@@ -211,7 +210,7 @@ class Session:
             await self.loop.connect_accepted_socket(
                 lambda: endpoint, self.sock, ssl=ssl_context,
                 ssl_handshake_timeout=self.cfg.listen.startup_timeout,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT)
+                ssl_shutdown_timeout=CLOSE_TIMEOUT)
         return endpoint
 
     async def _send_raw(self, data: bytes) -> None:
@@ -362,12 +361,9 @@ class Session:
 
     # -- outcome --------------------------------------------------------------------------------
     def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "") -> None:
-        """An ErrorResponse to the client, then the rejection recorded. libpq does not print a
-        connection error's SQLSTATE, so DETAIL carries it, with the reason the metrics use."""
+        """An ErrorResponse to the client, then the rejection recorded."""
         if self.client is not None and self.client.transport is not None:
-            detail = f"refused by dwsproxy: SQLSTATE {sqlstate}, reason {reason}"
-            self.client.transport.write(
-                wire.error_response(sqlstate, message, detail=detail, hint=hint))
+            self.client.transport.write(_refusal(reason, sqlstate, message, hint))
         self._reject(reason, message)
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -404,6 +400,13 @@ class Session:
         }
         level = logging.DEBUG if self.outcome == "empty" else logging.INFO
         log.log(level, "connection closed", extra={"fields": fields})
+
+
+def _refusal(reason: str, sqlstate: str, message: str, hint: str = "") -> bytes:
+    """The ErrorResponse of every proxy refusal. libpq does not print a connection error's
+    SQLSTATE, so DETAIL carries it, with the reason the metrics use."""
+    return wire.error_response(sqlstate, message, hint=hint,
+                               detail=f"refused by dwsproxy: SQLSTATE {sqlstate}, reason {reason}")
 
 
 def _send_alert(sock: socket.socket, alert: bytes) -> None:
