@@ -370,6 +370,7 @@ def worker_pids(proxy: Proxy) -> set[str]:
 def test_worker_restart_and_reload_while_starting(start_proxy: Callable[..., Proxy],
                                                  pki: Path) -> None:
     proxy = start_proxy(listen={"workers": 2})
+    proxy.wait_log("worker 1 started")  # the metrics port answers before the worker is spawned
     first = worker_pids(proxy)
     assert len(first) == 1
     os.kill(int(next(iter(first))), signal.SIGKILL)
@@ -390,6 +391,7 @@ def test_worker_restart_and_reload_while_starting(start_proxy: Callable[..., Pro
 
 def test_worker_exits_when_the_main_process_dies(start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(listen={"workers": 2})
+    proxy.wait_log("worker 1 started")
     (pid,) = worker_pids(proxy)
     proxy.proc.kill()
     proxy.proc.wait(5)
