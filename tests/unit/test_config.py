@@ -222,3 +222,16 @@ def test_log_values_cannot_forge_lines() -> None:
     assert _kv("evil\r\noutcome=ok") == '"evil\\r\\noutcome=ok"'
     assert _kv("\x1b[31mred") == '"\\u001b[31mred"'
     assert _kv("a b") == '"a b"' and _kv("") == '""'
+
+
+def test_two_crls_of_one_issuer_give_one_gauge_fact(bundle: Path) -> None:
+    ca = certs.load_ca(bundle / "certs")
+    older, newer = certs.make_crl(ca, next_update_days=1), certs.make_crl(ca, [7])
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    (bundle / "crls.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM)
+                                               for c in (newer, older)))
+    cfg = config.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
+                                "ssl_crl_file = 'crls.pem'\nclientcert = 'verify-ca'\n")))
+    assert len(cfg.server_tls.crls) == 1  # one series per issuer label
+    assert len(cfg.server_tls.crl_by_issuer) == 1
