@@ -61,6 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--proxy-src", default="",
                    help="run dwsproxy from this source tree (a folder holding proxy/) instead "
                         "of the repo's; to measure a candidate change on a scratch copy")
+    p.add_argument("--baseline-src", default="",
+                   help="also run a `baseline` dwsproxy (workers = the headline's) from this "
+                        "source tree, e.g. a `git worktree` of the previous commit: an A/B "
+                        "of a change within one run")
+    p.add_argument("--proxy-python", default="",
+                   help="run dwsproxy with this interpreter (it needs uvloop, cryptography and "
+                        "prometheus-client) instead of the venv's; to compare interpreters")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: -T 2, 1 round, 20000-row COPY, 100 idle sessions; "
                         "results are written as quick.{json,md}")
@@ -113,12 +120,16 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.stack = h.Stack(proxy_src=Path(args.proxy_src).resolve() if args.proxy_src
-                             else None)
+                             else None, proxy_python=args.proxy_python)
         self.samples: dict[str, dict[str, list[float]]] = {t: {} for t in args.tests}
         self.details: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in args.tests}
         self.tls: dict[str, str] = {}
         self.order: list[str] = []
         self.after_load: dict[str, dict[str, float | int]] = {}
+
+    def dws_names(self) -> list[str]:
+        names = [dws_name(w) for w in self.args.workers]
+        return names + (["baseline"] if self.args.baseline_src else [])
 
     # -- set-up --
     def setup(self) -> None:
@@ -136,6 +147,11 @@ class Bench:
             self.order.append(t.name)
             h.log(f"{t.name} (workers = {w}) on {h.HOST}:{t.port}: {len(t.pids())} process(es) "
                   f"{t.pids()}")
+        if self.args.baseline_src:
+            t = st.start_dwsproxy("baseline", self.args.workers[0],
+                                  src=Path(self.args.baseline_src).resolve())
+            self.order.append(t.name)
+            h.log(f"baseline from {self.args.baseline_src} on {h.HOST}:{t.port}")
         if "idle_1000_rss" in self.args.tests:
             # The idle-session memory test uses instances of their own that carry no other
             # load, so that its figure does not depend on what the throughput tests left in the
@@ -145,7 +161,9 @@ class Bench:
                 if name == "pgbouncer":
                     t = st.start_pgbouncer(twin)
                 else:
-                    t = st.start_dwsproxy(twin, st.targets[name].workers)
+                    t = st.start_dwsproxy(twin, st.targets[name].workers,
+                                          src=Path(self.args.baseline_src).resolve()
+                                          if name == "baseline" else None)
                 h.log(f"{twin} (idle-session test only) on {h.HOST}:{t.port}: "
                       f"{len(t.pids())} process(es), RSS {t.memory()['rss_mb']} MB")
         for name in self.order:
@@ -241,8 +259,7 @@ class Bench:
         ratios: dict[str, dict[str, float | None]] = {}
         for test in a.tests:
             ratios[test] = {}
-            for w in a.workers:
-                n = dws_name(w)
+            for n in self.dws_names():
                 ratios[test][f"{n}/pgbouncer"] = ratio(med[test][n], med[test]["pgbouncer"])
                 ratios[test][f"{n}/direct"] = ratio(med[test][n], med[test]["direct"])
         goals = []
@@ -278,7 +295,7 @@ class Bench:
                 workers_cmp[test] = best
         return {
             "command": command,
-            "machine": h.machine_info(),
+            "machine": h.machine_info(self.args.proxy_python),
             "settings": {
                 "duration_s": a.duration, "reps": a.reps, "pgbench_threads": 2,
                 "copy_rows": a.copy_rows, "copy_bytes": a.copy_rows * 1001,
@@ -310,7 +327,7 @@ class Bench:
     def markdown(self, s: dict[str, Any]) -> str:
         a = self.args
         m = s["machine"]
-        dws = [dws_name(w) for w in a.workers]
+        dws = self.dws_names()
         cols = ["direct", "pgbouncer", *dws]
         ratio_cols = [f"{n}/{b}" for n in dws for b in ("pgbouncer", "direct")]
         lines = [
@@ -319,7 +336,8 @@ class Bench:
             f"Command: `{s['command']}`  ",
             f"Date: {m['date']}; {m['nproc']} CPUs ({m['cpu_model']}), {m['memory']}, "
             f"kernel {m['kernel']}  ",
-            f"Python {m['python']} (uvloop {m['uvloop']}, {m['openssl_python']}); "
+            f"Python {m['python']} ({m.get('python_executable', '')}; uvloop {m['uvloop']}, "
+            f"{m['openssl_python']}); "
             f"{m['pgbouncer']}; {m['postgresql']}; {m['pgbench']}; commit {m['git_commit']}  ",
             f"Each figure is the median of {a.reps} rounds (COPY: {a.reps * a.copies_per_round}"
             f" runs); targets alternate {' → '.join(self.order)} within every test; pgbench "

@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -164,8 +163,10 @@ class Target:
 class Stack:
     """PostgreSQL (TLS on), optionally a PgBouncer, and dwsproxy instances, on 127.0.0.1."""
 
-    def __init__(self, work: Path | None = None, proxy_src: Path | None = None) -> None:
+    def __init__(self, work: Path | None = None, proxy_src: Path | None = None,
+                 proxy_python: str = "") -> None:
         self.proxy_src = proxy_src  # None: the repo's own proxy/ (the venv's dwsproxy)
+        self.proxy_python = proxy_python  # "": the venv's interpreter
         self.work = work or Path(tempfile.mkdtemp(prefix="dwsproxy-bench-"))
         os.chmod(self.work, 0o755)  # PgBouncer runs as `postgres` and reads its files here
         self.certs = self.work / "certs"
@@ -277,7 +278,7 @@ pidfile = {pdir / 'pgbouncer.pid'}
         return target
 
     # -- dwsproxy --
-    def start_dwsproxy(self, name: str, workers: str) -> Target:
+    def start_dwsproxy(self, name: str, workers: str, src: Path | None = None) -> Target:
         assert self.pg is not None
         port, mport = free_port(), free_port()
         workers_toml = '"auto"' if workers == "auto" else str(int(workers))
@@ -308,12 +309,14 @@ port = {mport}
 """)
         exe = REPO / ".venv" / "bin" / "dwsproxy"
         env = dict(os.environ)
-        if self.proxy_src is not None:
-            # a candidate tree (e.g. a scratch copy with a change to try): `python -m
-            # proxy.cli` from there; its workers inherit PYTHONPATH
-            argv = [sys.executable, "-m", "proxy.cli"]
-            env["PYTHONPATH"] = str(self.proxy_src)
-            cwd = str(self.proxy_src)
+        src = src or self.proxy_src
+        if src is not None or self.proxy_python:
+            # a candidate tree (e.g. a scratch copy with a change to try) or another
+            # interpreter: `python -m proxy.cli` from the tree; workers inherit PYTHONPATH
+            src = src or REPO
+            argv = [self.proxy_python or sys.executable, "-m", "proxy.cli"]
+            env["PYTHONPATH"] = str(src)
+            cwd = str(src)
         else:
             argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"]
             cwd = str(REPO)
@@ -489,7 +492,7 @@ def hold_idle_sessions(port: int, count: int, on_open, concurrency: int = 32) ->
 # --- machine -----------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, str | int]:
+def machine_info(proxy_python: str = "") -> dict[str, str | int]:
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -507,11 +510,16 @@ def machine_info() -> dict[str, str | int]:
             return "unknown"
 
     pgb = pgbouncer_binary()
+    # the versions of the interpreter that runs the proxy, which may not be this one
+    probe = ("import sys, ssl\ntry:\n import uvloop; uv = uvloop.__version__\n"
+             "except ImportError:\n uv = 'not installed'\n"
+             "print(sys.version.split()[0], sys.executable, uv, ssl.OPENSSL_VERSION, sep='|')")
     try:
-        import uvloop
-        uv = uvloop.__version__
-    except ImportError:
-        uv = "not installed"
+        out = subprocess.run([proxy_python or sys.executable, "-c", probe], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        py, py_exe, uv, openssl = out.split("|")
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        py, py_exe, uv, openssl = "unknown", proxy_python, "unknown", "unknown"
     mem = ""
     with contextlib.suppress(OSError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
@@ -530,9 +538,10 @@ def machine_info() -> dict[str, str | int]:
         "cpu_model": cpu,
         "memory": mem,
         "kernel": platform.release(),
-        "python": sys.version.split()[0],
+        "python": py,
+        "python_executable": py_exe,
         "uvloop": uv,
-        "openssl_python": ssl.OPENSSL_VERSION,
+        "openssl_python": openssl,
         "pgbouncer": version([pgb, "--version"]) if pgb else "not installed",
         "postgresql": version([find_pg_binary("postgres") or "postgres", "--version"]),
         "pgbench": version([shutil.which("pgbench") or "pgbench", "--version"]),
