@@ -3,13 +3,17 @@
 Owns: buffering a side's bytes while the session is still negotiating (`read_packet`), then
 relaying both ways byte for byte once `link()` joins the two sides, with flow control (a side whose
 outgoing buffer is full pauses reading on the other side), half-close where both transports can
-do it, and close propagation. Must not parse beyond the start-up packet, decide policy or touch
-metrics: it only counts bytes in plain ints, which the session flushes.
+do it, and close propagation; and the client side's TLS record layer (`TlsEndpoint`). Must not
+parse beyond the start-up packet, decide policy or touch metrics: it only counts bytes in plain
+ints, which the session flushes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
+from typing import Any
 
 from . import wire
 
@@ -166,3 +170,233 @@ def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:
         client.eof_received()
     if backend.eof:
         backend.eof_received()
+
+
+# Plaintext asked of the SSL object per read call (it returns at most one 16 KiB record).
+SSL_READ_SIZE = 256 * 1024
+
+
+def _c_methods(sslobj: ssl.SSLObject) -> Any:
+    """The C object under an `ssl.SSLObject`: its methods skip ssl.py's Python wrappers, one
+    frame per call on the per-message path."""
+    return getattr(sslobj, "_sslobj", sslobj)
+
+
+class TlsEndpoint(Endpoint):
+    """The client side over TLS: an `ssl.SSLObject` on two MemoryBIOs, driven from a plain
+    transport's callbacks, in place of uvloop's SSL protocol.
+
+    Why our own: (1) a failed handshake's alert is in the outgoing BIO, which asyncio's and
+    uvloop's SSL protocols drop (python/cpython#98078): here it is sent, then a FIN, and the
+    transport stays open until the client closes, so the alert is not overtaken by an RST.
+    (2) A relayed message costs one Python frame each way (this class's `data_received`, and
+    `ToTlsEndpoint.data_received`), where uvloop's layer calls ssl.py's wrappers several times
+    and raises SSLWantReadError once per message.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        super().__init__()
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        c = _c_methods(self.ssl_object)
+        self._read, self._pending, self.encrypt = c.read, c.pending, c.write
+        self.raw: asyncio.Transport | None = None
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready = False  # handshake done and not failed
+        self.failed = False  # the handshake failed: its alert is sent, input is discarded
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.transport = TlsTransport(self, self.raw)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        incoming = self._incoming
+        incoming.write(data)
+        if not self._ready and not self._do_handshake():
+            return
+        read, pending = self._read, self._pending
+        closed = False
+        try:
+            chunk = read(SSL_READ_SIZE)
+            if not chunk:
+                closed = True  # the client's close_notify
+            elif incoming.pending or pending():  # more than one record came in
+                parts = [chunk]
+                while True:
+                    try:
+                        more = read(SSL_READ_SIZE)
+                    except ssl.SSLWantReadError:
+                        break
+                    if not more:
+                        closed = True
+                        break
+                    parts.append(more)
+                    if not incoming.pending and not pending():
+                        break
+                chunk = b"".join(parts)
+        except ssl.SSLWantReadError:
+            chunk = b""  # a partial record: wait for the rest
+        except ssl.SSLError:
+            # a corrupt record, data after close_notify...: an ordinary disconnect
+            self._flush()
+            if self.raw is not None:
+                self.raw.abort()
+            return
+        if chunk:
+            peer = self.peer
+            if peer is not None:
+                self.received += len(chunk)
+                peer.transport.write(chunk)  # type: ignore[union-attr]
+            else:
+                Endpoint.data_received(self, chunk)
+        if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
+            self._flush()
+        if closed:
+            self._tls_closed()
+
+    def _do_handshake(self) -> bool:
+        if self.failed:
+            return False
+        try:
+            self.ssl_object.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            self._flush()
+            return False
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return False
+        self._flush()
+        self._ready = True
+        self.handshake.set_result(None)
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        self._flush()  # the alert that says why
+        if self.raw is not None and not self.raw.is_closing() and self.raw.can_write_eof():
+            self.raw.write_eof()
+        self._settle(exc)
+
+    def _settle(self, exc: BaseException) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+            self.handshake.exception()  # whoever awaits it still gets it; nobody must
+
+    def _flush(self) -> None:
+        out = self._outgoing.read()
+        if out and self.raw is not None and not self.raw.is_closing():
+            self.raw.write(out)
+
+    def _tls_closed(self) -> None:
+        # close_notify: TLS has no half-close, so the session ends as on a FIN
+        self.eof = True
+        self._wake()
+        if self.peer is not None:
+            self.peer.close()
+        assert self.transport is not None
+        self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        if not self.handshake.done():
+            self._settle(ConnectionResetError("client closed during the TLS handshake"))
+            self.eof = True
+            return None
+        if self.failed:
+            self.eof = True
+            return None  # the client read the alert and closed: close too
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._settle(exc or ConnectionResetError("connection closed during the TLS handshake"))
+        super().connection_lost(exc)
+
+
+class ToTlsEndpoint(Endpoint):
+    """The backend side of a TLS session: encrypts what it receives straight onto the client's
+    plain transport, in this one frame."""
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if not isinstance(peer, TlsEndpoint):
+            Endpoint.data_received(self, data)  # still negotiating, or the client is gone
+            return
+        self.received += len(data)
+        try:
+            peer.encrypt(data)  # a memory BIO takes it all: no partial write
+        except ssl.SSLError:
+            return  # our close_notify went out (unwrap): the session is ending
+        out = peer._outgoing.read()
+        raw = peer.raw
+        if out and raw is not None and not raw.is_closing():
+            raw.write(out)
+
+
+class TlsTransport(asyncio.Transport):
+    """The client transport of a TLS session as the session and the relay see it: `write()`
+    encrypts onto the plain transport underneath."""
+
+    def __init__(self, endpoint: TlsEndpoint, raw: asyncio.Transport) -> None:
+        super().__init__()
+        self._endpoint = endpoint
+        self._raw = raw
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
+            return
+        endpoint = self._endpoint
+        try:
+            endpoint.encrypt(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        endpoint._flush()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        endpoint = self._endpoint
+        if endpoint._ready:
+            # queues our close_notify; SSLWantReadError: the client's is not awaited
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                endpoint.ssl_object.unwrap()
+            endpoint._flush()
+        if endpoint.failed and not endpoint.eof:
+            return  # closed when the client closes; Endpoint.close()'s timer bounds the wait
+        self._raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._raw.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS has no half-close")
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._endpoint.ssl_object
+        return self._raw.get_extra_info(name, default)

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import metrics, policy, tls, wire
-from .relay import CLOSE_TIMEOUT, Endpoint, link
+from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
 if TYPE_CHECKING:
     from .config import Config
@@ -197,20 +197,12 @@ class Session:
             if isinstance(event, wire.GSSENCRequest):
                 await self._send_raw(wire.SSL_REFUSE)  # no GSSAPI encryption: the client goes on
                 continue
-            self.client = await self._wrap(ssl_context=None)
+            self.client = await self._wrap()
             return await self._handle_first_packet(event)
 
-    async def _wrap(self, ssl_context: ssl.SSLContext | None) -> Endpoint:
-        # The factory hands back our own Endpoint: with ssl=, uvloop returns its internal
-        # SSLProtocol as the "protocol", not the application's.
+    async def _wrap(self) -> Endpoint:
         endpoint = Endpoint()
-        if ssl_context is None:
-            await self.loop.connect_accepted_socket(lambda: endpoint, self.sock)
-        else:
-            await self.loop.connect_accepted_socket(
-                lambda: endpoint, self.sock, ssl=ssl_context,
-                ssl_handshake_timeout=self.cfg.listen.startup_timeout,
-                ssl_shutdown_timeout=CLOSE_TIMEOUT)
+        await self.loop.connect_accepted_socket(lambda: endpoint, self.sock)
         return endpoint
 
     async def _send_raw(self, data: bytes) -> None:
@@ -226,33 +218,26 @@ class Session:
     async def _start_tls(self) -> bool:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
-        # A second descriptor of the socket outlives the transport, which closes its own on a
-        # failed handshake: through it the session sends the TLS alert the transport dropped.
-        alert_sock = self.sock.dup()
         t0 = time.perf_counter()
+        client = TlsEndpoint(server_tls.context)
+        await self.loop.connect_accepted_socket(lambda: client, self.sock)
+        self.client = client  # from here on _finish() closes it, whatever happens
         try:
-            self.client = await self._wrap(ssl_context=server_tls.context)
+            await client.handshake
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            _send_alert(alert_sock, getattr(exc, "dwsproxy_alert", b""))
             reason, text = tls.handshake_failure(exc)
             self._reject(reason, text)
             return False
-        except BaseException:
-            alert_sock.close()
-            raise
-        alert_sock.close()
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - t0)
         self.encrypted = True
-        assert self.client.transport is not None
-        sslobj = self.client.transport.get_extra_info("ssl_object")
-        if sslobj is not None:
-            self.tls_version = sslobj.version() or ""
-            cipher = sslobj.cipher()
-            self.cipher = cipher[0] if cipher else ""
-            self.alpn = sslobj.selected_alpn_protocol()
-            self.client_cert = tls.peer_cert_facts(sslobj)
-            if self.client_cert is not None:
-                self.cert_error = tls.check_revocation(server_tls, sslobj, time.time())
+        sslobj = client.ssl_object
+        self.tls_version = sslobj.version() or ""
+        cipher = sslobj.cipher()
+        self.cipher = cipher[0] if cipher else ""
+        self.alpn = sslobj.selected_alpn_protocol()
+        self.client_cert = tls.peer_cert_facts(sslobj)
+        if self.client_cert is not None:
+            self.cert_error = tls.check_revocation(server_tls, sslobj, time.time())
         event = await self.client.read_packet()
         if event is None:
             self._reject("tls_handshake", "client closed right after the TLS handshake "
@@ -317,7 +302,7 @@ class Session:
         backend_cfg = self.cfg.backend
         t0 = time.perf_counter()
         try:
-            backend = Endpoint()
+            backend = ToTlsEndpoint() if self.encrypted else Endpoint()
             await asyncio.wait_for(
                 self.loop.create_connection(lambda: backend, backend_cfg.host, backend_cfg.port),
                 backend_cfg.connect_timeout)
@@ -407,20 +392,3 @@ def _refusal(reason: str, sqlstate: str, message: str, hint: str = "") -> bytes:
     SQLSTATE, so DETAIL carries it, with the reason the metrics use."""
     return wire.error_response(sqlstate, message, hint=hint,
                                detail=f"refused by dwsproxy: SQLSTATE {sqlstate}, reason {reason}")
-
-
-def _send_alert(sock: socket.socket, alert: bytes) -> None:
-    """Send the alert record of a failed handshake, then FIN; never blocks, never raises."""
-    try:
-        if alert:
-            sock.setblocking(False)
-            sock.send(alert)
-            sock.shutdown(socket.SHUT_WR)
-            # Read what the client already sent, so that the close is a FIN, not an RST that
-            # could overtake the alert in the client's receive queue.
-            while sock.recv(65536):
-                pass
-    except OSError:
-        pass
-    finally:
-        sock.close()

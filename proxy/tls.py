@@ -66,37 +66,6 @@ class ServerTls:
     crls: tuple[CrlFacts, ...]
 
 
-class AlertKeepingSSLObject(ssl.SSLObject):
-    """Keeps the TLS alert OpenSSL wrote when a handshake fails.
-
-    asyncio's and uvloop's SSL protocols drop the outgoing buffer on a handshake error
-    (python/cpython#98078), so the client never reads *why* (certificate_expired, unknown_ca…)
-    and reports an unexpected EOF. Both create their SSLObject through `SSLContext.wrap_bio`,
-    which honours `sslobject_class`: this subclass takes the pending bytes (the alert record)
-    out of the outgoing BIO and hangs them on the exception, for the session to send itself.
-    """
-
-    _outgoing: ssl.MemoryBIO
-
-    @classmethod
-    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                server_side: bool = False, server_hostname: str | None = None,
-                session: ssl.SSLSession | None = None,
-                context: ssl.SSLContext | None = None) -> AlertKeepingSSLObject:
-        obj = super()._create(incoming, outgoing, server_side,  # type: ignore[misc]
-                              server_hostname, session, context)
-        obj._outgoing = outgoing
-        return obj  # type: ignore[no-any-return]
-
-    def do_handshake(self) -> None:
-        try:
-            super().do_handshake()
-        except ssl.SSLError as exc:
-            if not isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
-                exc.dwsproxy_alert = self._outgoing.read()  # type: ignore[attr-defined]
-            raise
-
-
 def disable_session_cache(ctx: ssl.SSLContext) -> bool:
     """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF), as PostgreSQL's be_tls_init
     does. Without it a TLS 1.2 client may resume a session whose certificate was refused (or
@@ -297,7 +266,6 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
         log.warning("could not switch off the TLS session cache: resumed sessions with a "
                     "client certificate will be refused (their chain cannot be re-checked)")
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
-    ctx.sslobject_class = AlertKeepingSSLObject
 
     server_cert = server_cert_facts(tls.ssl_cert_file)
     check_key_permissions(tls.ssl_key_file)

@@ -112,18 +112,6 @@ def test_forged_crl_signature(setup: dict) -> None:
     assert reason == "client_cert_invalid" and "bad signature" in message
 
 
-def test_alert_is_kept_on_a_failed_handshake(setup: dict) -> None:
-    st = server_tls(setup, [certs.make_crl(setup["root"])])
-    other = certs.make_ca("Other")
-    ctx, _ = client_ctx(setup, other)
-    with pytest.raises(ssl.SSLCertVerificationError) as info:
-        handshake(st.context, ctx)
-    alert = info.value.dwsproxy_alert
-    assert alert[:1] == b"\x15" or alert[:1] == b"\x17"  # alert record (encrypted in TLS 1.3)
-    reason, _ = tls.handshake_failure(info.value)
-    assert reason == "client_cert_invalid"
-
-
 def test_server_context_security_defaults(setup: dict) -> None:
     st = server_tls(setup, [certs.make_crl(setup["root"])])
     ctx = st.context
