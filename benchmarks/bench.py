@@ -65,6 +65,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run a `baseline` dwsproxy (workers = the headline's) from this "
                         "source tree, e.g. a `git worktree` of the previous commit: an A/B "
                         "of a change within one run")
+    p.add_argument("--order", choices=("rotate", "fixed"), default="rotate",
+                   help="rotate the targets' order every round (default), or keep it fixed")
+    p.add_argument("--baseline-python", default="",
+                   help="run the `baseline` dwsproxy with this interpreter (with --baseline-src "
+                        "or alone: then the baseline is this tree under that interpreter)")
     p.add_argument("--proxy-python", default="",
                    help="run dwsproxy with this interpreter (it needs uvloop, cryptography and "
                         "prometheus-client) instead of the venv's; to compare interpreters")
@@ -129,7 +134,13 @@ class Bench:
 
     def dws_names(self) -> list[str]:
         names = [dws_name(w) for w in self.args.workers]
-        return names + (["baseline"] if self.args.baseline_src else [])
+        return names + (["baseline"] if self.has_baseline() else [])
+
+    def has_baseline(self) -> bool:
+        return bool(self.args.baseline_src or self.args.baseline_python)
+
+    def baseline_src(self) -> Path | None:
+        return Path(self.args.baseline_src).resolve() if self.args.baseline_src else None
 
     # -- set-up --
     def setup(self) -> None:
@@ -147,11 +158,13 @@ class Bench:
             self.order.append(t.name)
             h.log(f"{t.name} (workers = {w}) on {h.HOST}:{t.port}: {len(t.pids())} process(es) "
                   f"{t.pids()}")
-        if self.args.baseline_src:
-            t = st.start_dwsproxy("baseline", self.args.workers[0],
-                                  src=Path(self.args.baseline_src).resolve())
+        if self.has_baseline():
+            t = st.start_dwsproxy("baseline", self.args.workers[0], src=self.baseline_src(),
+                                  python=self.args.baseline_python)
             self.order.append(t.name)
-            h.log(f"baseline from {self.args.baseline_src} on {h.HOST}:{t.port}")
+            h.log(f"baseline from {self.args.baseline_src or 'this tree'} "
+                  f"({self.args.baseline_python or 'the same interpreter'}) on "
+                  f"{h.HOST}:{t.port}")
         if "idle_1000_rss" in self.args.tests:
             # The idle-session memory test uses instances of their own that carry no other
             # load, so that its figure does not depend on what the throughput tests left in the
@@ -161,9 +174,10 @@ class Bench:
                 if name == "pgbouncer":
                     t = st.start_pgbouncer(twin)
                 else:
+                    base = name == "baseline"
                     t = st.start_dwsproxy(twin, st.targets[name].workers,
-                                          src=Path(self.args.baseline_src).resolve()
-                                          if name == "baseline" else None)
+                                          src=self.baseline_src() if base else None,
+                                          python=self.args.baseline_python if base else "")
                 h.log(f"{twin} (idle-session test only) on {h.HOST}:{t.port}: "
                       f"{len(t.pids())} process(es), RSS {t.memory()['rss_mb']} MB")
         for name in self.order:
@@ -242,8 +256,12 @@ class Bench:
 
     def run(self) -> None:
         for rnd in range(1, self.args.reps + 1):
+            # The order rotates every round (A B C D, B C D A, ...), so that no target always
+            # runs right after the same one (PgBouncer's -C run, say, which leaves ~10,000
+            # connections in TIME_WAIT behind it).
+            k = (rnd - 1) % len(self.order) if self.args.order == "rotate" else 0
             for test in self.args.tests:
-                for target in self.order:  # A B C D, then A B C D again next round
+                for target in self.order[k:] + self.order[:k]:
                     self.run_test(test, target, rnd)
         # what the instances that carried the throughput tests hold now, with no sessions
         for name in self.order[1:]:
@@ -309,6 +327,9 @@ class Bench:
                               f"{h.PG_MAX_CONNECTIONS}, fsync=off, trust auth",
                 "dwsproxy": "require_ssl=true, backend plaintext, default logging (info)",
                 "dwsproxy_source": a.proxy_src or str(h.REPO / "proxy"),
+                "baseline": ({"source": a.baseline_src or a.proxy_src or str(h.REPO / "proxy"),
+                              "python": a.baseline_python or a.proxy_python or sys.executable}
+                             if self.has_baseline() else None),
                 "idle_rss_direct": "n/a: there is no proxy process in front of PostgreSQL",
                 "tls_seen_by_psql": self.tls,
             },

@@ -278,7 +278,8 @@ pidfile = {pdir / 'pgbouncer.pid'}
         return target
 
     # -- dwsproxy --
-    def start_dwsproxy(self, name: str, workers: str, src: Path | None = None) -> Target:
+    def start_dwsproxy(self, name: str, workers: str, src: Path | None = None,
+                       python: str = "") -> Target:
         assert self.pg is not None
         port, mport = free_port(), free_port()
         workers_toml = '"auto"' if workers == "auto" else str(int(workers))
@@ -310,11 +311,12 @@ port = {mport}
         exe = REPO / ".venv" / "bin" / "dwsproxy"
         env = dict(os.environ)
         src = src or self.proxy_src
-        if src is not None or self.proxy_python:
+        python = python or self.proxy_python
+        if src is not None or python:
             # a candidate tree (e.g. a scratch copy with a change to try) or another
             # interpreter: `python -m proxy.cli` from the tree; workers inherit PYTHONPATH
             src = src or REPO
-            argv = [self.proxy_python or sys.executable, "-m", "proxy.cli"]
+            argv = [python or sys.executable, "-m", "proxy.cli"]
             env["PYTHONPATH"] = str(src)
             cwd = str(src)
         else:

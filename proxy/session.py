@@ -48,7 +48,7 @@ class Session:
         self.backend: Endpoint | None = None
         self.startup: wire.StartupMessage | None = None
         self.peer_addr = ""
-        self.peer_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.peer_host = ""
         self.encrypted = False
         self.direct = False
         self.tls_version = ""
@@ -95,17 +95,22 @@ class Session:
         sock = self.sock
         sock.setblocking(False)
         try:
-            peer = sock.getpeername()
-            ip = ipaddress.ip_address(peer[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            self.peer_ip = ip
-            self.peer_addr = f"{ip}:{peer[1]}"
-        except (OSError, ValueError, IndexError):
+            host, port = sock.getpeername()[:2]
+            if ":" in host:  # IPv6; an IPv4 client of a dual-stack listener is ::ffff:a.b.c.d
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+                host = str(mapped) if mapped is not None else host
+            self.peer_host = host
+            self.peer_addr = f"{host}:{port}"
+        except (OSError, ValueError, TypeError):
             self.peer_addr = "unknown"
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # TCP_NODELAY: uvloop sets it on every TCP transport it makes
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def _peer_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.peer_host) if self.peer_host else None
+        except ValueError:
+            return None
 
     # -- raw socket helpers (negotiation only) ----------------------------------------------------
     async def _wait_readable(self) -> None:
@@ -270,7 +275,8 @@ class Session:
             direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
             client_cert_error=self.cert_error,
             user=event.user, database=event.database,
-            application_name=event.application_name, peer=self.peer_ip)
+            application_name=event.application_name,
+            peer=self._peer_ip() if self.cfg.rules else None)  # only [[rules]] look at it
         decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
         if isinstance(decision, policy.Reject):
             self._refuse(decision.reason, decision.sqlstate, decision.message,
@@ -303,9 +309,9 @@ class Session:
         t0 = time.perf_counter()
         try:
             backend = ToTlsEndpoint() if self.encrypted else Endpoint()
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: backend, backend_cfg.host, backend_cfg.port),
-                backend_cfg.connect_timeout)
+            async with asyncio.timeout(backend_cfg.connect_timeout):
+                await self.loop.create_connection(lambda: backend, backend_cfg.host,
+                                                  backend_cfg.port)
             self.backend = backend
         except (OSError, TimeoutError) as exc:
             why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
@@ -327,7 +333,8 @@ class Session:
         try:
             link(self.client, self.backend, self.startup.raw)
             self.state.live.add(self)
-            await asyncio.gather(self.client.closed, self.backend.closed)
+            await self.client.closed
+            await self.backend.closed
         finally:
             self.state.live.discard(self)
             metrics.active(encryption, -1)
