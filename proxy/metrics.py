@@ -93,11 +93,10 @@ LAST_RELOAD_SUCCESS = Gauge(
     "dwsproxy_config_last_reload_success_timestamp_seconds",
     "When the configuration in force was loaded.", multiprocess_mode="mostrecent")
 
-# Pre-create the series a dashboard expects to see at zero.
-for _reason in REJECT_REASONS:
-    REJECTED.labels(_reason)
-for _answer in ("S", "N"):
-    SSL_REQUESTS.labels(_answer)
+# The series a dashboard expects to see at zero, created up front and kept: labels() takes a
+# lock and builds a key on every call.
+_REJECTED_SERIES = {reason: REJECTED.labels(reason) for reason in REJECT_REASONS}
+_SSL_REQUEST_SERIES = {answer: SSL_REQUESTS.labels(answer) for answer in ("S", "N")}
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 _BYTES_C2B = BYTES.labels("client_to_backend")
@@ -108,7 +107,6 @@ _CONNECTION_SERIES: dict[tuple[str, str, bool], Any] = {}
 
 
 def accepted(encryption: str, tls_version: str, client_cert: bool) -> None:
-    # labels() takes a lock and builds a key each time: keep the few children it returns.
     key = (encryption, tls_version, client_cert)
     series = _CONNECTION_SERIES.get(key)
     if series is None:
@@ -118,13 +116,14 @@ def accepted(encryption: str, tls_version: str, client_cert: bool) -> None:
 
 
 def rejected(reason: str) -> None:
-    if reason not in REJECT_REASONS:
+    series = _REJECTED_SERIES.get(reason)
+    if series is None:
         raise ValueError(f"unknown rejection reason {reason!r}")
-    REJECTED.labels(reason).inc()
+    series.inc()
 
 
 def ssl_request(answer: str) -> None:
-    SSL_REQUESTS.labels(answer).inc()
+    _SSL_REQUEST_SERIES[answer].inc()
 
 
 _ACTIVE_SERIES = {enc: ACTIVE.labels(enc) for enc in ("tls", "plain")}
