@@ -139,8 +139,12 @@ class Endpoint(asyncio.Protocol):
             return
         if abort:
             transport.abort()
-        elif not transport.is_closing():
+            return
+        if not transport.is_closing():
             transport.close()
+        if self._close_timer is None:
+            # also when the transport is already closing (the peer's FIN or close_notify began
+            # it): a peer that stops reading would otherwise hold its unsent bytes forever
             self._close_timer = asyncio.get_running_loop().call_later(
                 CLOSE_TIMEOUT, self._abort_if_open)
 
@@ -212,6 +216,8 @@ class TlsEndpoint(Endpoint):
         self.transport = TlsTransport(self, self.raw)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return  # the alert is sent; what the client still sends is dropped, not kept
         incoming = self._incoming
         incoming.write(data)
         if not self._ready and not self._do_handshake():
@@ -257,8 +263,6 @@ class TlsEndpoint(Endpoint):
             self._tls_closed()
 
     def _do_handshake(self) -> bool:
-        if self.failed:
-            return False
         try:
             self.ssl_object.do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -269,11 +273,13 @@ class TlsEndpoint(Endpoint):
             return False
         self._flush()
         self._ready = True
-        self.handshake.set_result(None)
+        if not self.handshake.done():  # cancelled if the session was (shutdown)
+            self.handshake.set_result(None)
         return True
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = True
+        self._incoming.read()  # drop the rest of the client's flight
         self._flush()  # the alert that says why
         if self.raw is not None and not self.raw.is_closing() and self.raw.can_write_eof():
             self.raw.write_eof()
@@ -281,7 +287,8 @@ class TlsEndpoint(Endpoint):
 
     def _settle(self, exc: BaseException) -> None:
         if not self.handshake.done():
-            self.handshake.set_exception(exc)
+            # without its traceback: frames of ours would keep this endpoint alive through it
+            self.handshake.set_exception(exc.with_traceback(None))
             self.handshake.exception()  # whoever awaits it still gets it; nobody must
 
     def _flush(self) -> None:
@@ -295,8 +302,7 @@ class TlsEndpoint(Endpoint):
         self._wake()
         if self.peer is not None:
             self.peer.close()
-        assert self.transport is not None
-        self.transport.close()
+        self.close()
 
     def eof_received(self) -> bool | None:
         if not self.handshake.done():
@@ -311,6 +317,7 @@ class TlsEndpoint(Endpoint):
     def connection_lost(self, exc: Exception | None) -> None:
         self._settle(exc or ConnectionResetError("connection closed during the TLS handshake"))
         super().connection_lost(exc)
+        self.transport = None  # TlsTransport points back here: break the cycle
 
 
 class ToTlsEndpoint(Endpoint):

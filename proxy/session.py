@@ -354,8 +354,9 @@ class Session:
     # -- outcome --------------------------------------------------------------------------------
     def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "") -> None:
         """An ErrorResponse to the client, then the rejection recorded."""
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.write(_refusal(reason, sqlstate, message, hint))
+        transport = self.client.transport if self.client is not None else None
+        if transport is not None and not transport.is_closing():  # uvloop raises once closed
+            transport.write(_refusal(reason, sqlstate, message, hint))
         self._reject(reason, message)
 
     def _reject(self, reason: str, detail: str) -> None:

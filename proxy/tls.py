@@ -346,8 +346,6 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
         if "VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
             return "tls_version", f"TLS handshake failed: {exc.reason}"
         return "tls_handshake", f"TLS handshake failed: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
-        return "startup_timeout", "TLS handshake not finished in time"
     return "tls_handshake", f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 

@@ -148,3 +148,54 @@ def test_client_closing_during_the_handshake(contexts: dict[str, Any]) -> None:
 
     exc, _ = run_pair(contexts["plain"], client, server)
     assert isinstance(exc, (ssl.SSLError, ConnectionError))
+
+
+def test_input_after_a_failed_handshake_is_dropped(contexts: dict[str, Any]) -> None:
+    sent = threading.Event()
+
+    def client(sock: socket.socket) -> None:
+        sock.sendall(b"\x16\x03\x01\x00\x05junk" + os.urandom(1 << 20))  # fails, then floods
+        sent.set()
+        sock.recv(100)  # the alert, then our FIN
+
+    async def server(endpoint: relay.TlsEndpoint) -> int:
+        with pytest.raises(ssl.SSLError):
+            await endpoint.handshake
+        await asyncio.to_thread(sent.wait, 10)
+        for _ in range(20):  # let the loop read what the kernel holds
+            await asyncio.sleep(0.01)
+        return endpoint._incoming.pending
+
+    pending, _ = run_pair(contexts["plain"], client, server)
+    assert pending == 0
+
+
+def test_a_client_that_closes_without_reading_is_aborted_in_time(
+        contexts: dict[str, Any]) -> None:
+    # The client sends its FIN while our writes to it are stuck in a full buffer: closing must
+    # not wait for that buffer forever.
+    done = threading.Event()
+
+    def client(sock: socket.socket) -> None:
+        tls_sock = contexts["client"].wrap_socket(sock, server_hostname="localhost")
+        tls_sock.sendall(b"x")
+        tls_sock.shutdown(socket.SHUT_WR)  # a FIN (no close_notify), and never a read
+        done.wait(20)
+
+    async def server(endpoint: relay.TlsEndpoint) -> float:
+        await endpoint.handshake
+        assert endpoint.transport is not None
+        for _ in range(64):
+            endpoint.transport.write(os.urandom(256 * 1024))  # far more than socket buffers
+        while not endpoint.eof:
+            await asyncio.sleep(0.01)
+        assert endpoint.raw is not None and endpoint.raw.get_write_buffer_size() > 0
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        endpoint.close()
+        await asyncio.wait_for(asyncio.shield(endpoint.closed), relay.CLOSE_TIMEOUT + 5)
+        done.set()
+        return loop.time() - t0
+
+    took, _ = run_pair(contexts["plain"], client, server)
+    assert took <= relay.CLOSE_TIMEOUT + 1
