@@ -208,12 +208,28 @@ class TlsEndpoint(Endpoint):
         self.raw: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ready = False  # handshake done and not failed
+        # The plain transport keeps uvloop's default limits (64 KiB); while it is paused,
+        # ciphertext waits in the outgoing BIO, and only past WRITE_HIGH_WATER there is the
+        # backend paused, as uvloop's SSL protocol does. (A/B of a 500 MB COPY out: 787 vs
+        # 783 MB/s for uvloop's; one 256 KiB limit on the plain transport gave 726 vs 757.)
+        self.raw_paused = False
+        self.peer_paused = False
         self.failed = False  # the handshake failed: its alert is sent, input is discarded
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self.transport = TlsTransport(self, self.raw)  # type: ignore[arg-type]
+
+    def pause_writing(self) -> None:
+        self.raw_paused = True
+
+    def resume_writing(self) -> None:
+        self.raw_paused = False
+        self._flush()
+        if self.peer_paused and not self.raw_paused:
+            self.peer_paused = False
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
@@ -334,6 +350,12 @@ class ToTlsEndpoint(Endpoint):
             peer.encrypt(data)  # a memory BIO takes it all: no partial write
         except ssl.SSLError:
             return  # our close_notify went out (unwrap): the session is ending
+        if peer.raw_paused:
+            if peer._outgoing.pending >= WRITE_HIGH_WATER and not peer.peer_paused:
+                peer.peer_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+            return
         out = peer._outgoing.read()
         raw = peer.raw
         if out and raw is not None and not raw.is_closing():
