@@ -319,7 +319,9 @@ class Bench:
                 "copy_rows": a.copy_rows, "copy_bytes": a.copy_rows * 1001,
                 "copies_per_round": a.copies_per_round, "idle_sessions": a.idle,
                 "dwsproxy_workers": {dws_name(w): w for w in a.workers},
-                "order": "per test, targets alternate " + " ".join(self.order) + " each round",
+                "order": (f"per test, every target once a round, {' '.join(self.order)}, "
+                          + ("rotated by one each round" if a.order == "rotate" else
+                             "the same each round")),
                 "pgbouncer": "session pooling, client_tls_sslmode=require, backend plaintext, "
                              f"auth_type=trust, max_client_conn={h.PGBOUNCER_MAX_CLIENTS}, "
                              f"default_pool_size={h.PGBOUNCER_POOL_SIZE}",
@@ -361,7 +363,8 @@ class Bench:
             f"{m['openssl_python']}); "
             f"{m['pgbouncer']}; {m['postgresql']}; {m['pgbench']}; commit {m['git_commit']}  ",
             f"Each figure is the median of {a.reps} rounds (COPY: {a.reps * a.copies_per_round}"
-            f" runs); targets alternate {' → '.join(self.order)} within every test; pgbench "
+            f" runs); within every test each target runs once a round, {' → '.join(self.order)}"
+            f"{', rotated by one each round' if a.order == 'rotate' else ''}; pgbench "
             f"-T {a.duration} -j 2, PGSSLMODE=require; everything on 127.0.0.1. Elapsed "
             f"{s['elapsed_s']:.0f} s.",
             "",
