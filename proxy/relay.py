@@ -241,6 +241,8 @@ class TlsEndpoint(Endpoint):
         read, pending = self._read, self._pending
         closed = False
         try:
+            # One record per message is the common case: it is read outside the loop, which
+            # only runs when more came in (one loop for both measured ~1 us more per -S txn).
             chunk = read(SSL_READ_SIZE)
             if not chunk:
                 closed = True  # the client's close_notify
@@ -356,6 +358,7 @@ class ToTlsEndpoint(Endpoint):
                 assert self.transport is not None
                 self.transport.pause_reading()
             return
+        # peer._flush(), inlined: this is the per-message path
         out = peer._outgoing.read()
         raw = peer.raw
         if out and raw is not None and not raw.is_closing():
