@@ -91,15 +91,38 @@ def _run(coro_factory: Any) -> int:
 
 
 def _load_or_exit(path: str) -> config_mod.Config:
+    from . import loader
+
     try:
-        return config_mod.load(path)
+        return loader.load(path)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _config_from_main() -> tuple[config_mod.Config, Any]:
+    """A worker's configuration: the snapshot the main process validated, over the control
+    channel it passed; the file named by --config is never read here."""
+    from . import loader, workers
+
+    control = workers.control_socket()
+    message = workers.read_message_blocking(control) if control is not None else None
+    if control is None or message is None:
+        print("dwsproxy: a worker needs its main process's control channel", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return loader.build(workers.snapshot_of(message)), control
     except config_mod.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.config)
+    control = None
+    if args.worker:
+        cfg, control = _config_from_main()
+    else:
+        cfg = _load_or_exit(args.config)
     multiproc_dir = None
     if cfg.listen.workers > 1 and not args.worker:
         multiproc_dir = tempfile.mkdtemp(prefix="dwsproxy-metrics-")
@@ -111,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
                        "--log-format", args.log_format]
-        return _run(lambda: server.serve(cfg, worker=args.worker, worker_argv=worker_argv))
+        return _run(lambda: server.serve(cfg, worker=args.worker, worker_argv=worker_argv,
+                                         control=control))
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -1,10 +1,14 @@
 """The configuration: one TOML file parsed once into frozen dataclasses.
 
-Owns: reading the file named by `--config`, checking every key (unknown keys, types, ranges,
-impossible combinations), resolving relative paths against the file's folder, and building the
-runtime TLS objects through `tls.py`, so that a `Config` is complete or does not exist. Must not
-do network I/O. The rest of the code never sees a raw dict; errors are `ConfigError` naming the
-key path (`tls.ssl_ca_file: no such file '…'`).
+Owns: checking every key of the TOML text (unknown keys, types, ranges, impossible
+combinations) and resolving relative paths against the config file's folder. Must not read
+files or build TLS objects: loader.py reads a snapshot (snapshot.py) and builds them (tls.py),
+so that a `Config` is complete or does not exist. The rest of the code never sees a raw dict;
+errors are `ConfigError` naming the key path (`tls.ssl_ca_file: no such file '…'`).
+
+Paths are made absolute but never resolved through symlinks: Kubernetes mounts a ConfigMap or
+Secret as `dir/file -> ..data/file` with `..data -> ..<timestamp>/`, and swaps `..data` on every
+update, deleting the old timestamped folder; a resolved path would point into that folder.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
+    from .tls import ServerTls
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
+CLIENTNAMES = ("CN", "DN", "SAN")
 BACKEND_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 RULE_TYPES = ("host", "hostssl", "hostnossl")
 RULE_ACTIONS = ("allow", "reject")
@@ -70,6 +79,7 @@ class TlsConfig:
     ssl_crl_file: str = ""
     ssl_crl_dir: str = ""
     clientcert: str = "none"
+    clientname: str = "CN"
     ssl_min_protocol_version: str = "TLSv1.2"
     ssl_max_protocol_version: str = ""
     ssl_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -105,6 +115,7 @@ class Rule:
         database: str,
         application_name: str,
         peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        replication: bool = False,
     ) -> bool:
         if self.type == "hostssl" and not encrypted:
             return False
@@ -114,9 +125,14 @@ class Rule:
             peer is None or peer.version != self.address.version or peer not in self.address
         ):
             return False
+        # pg_hba: the keyword "replication" matches physical replication only, and no other
+        # pattern ("*" included, as "all") matches it.
+        db_ok = (self.database == "replication" if replication
+                 else self.database != "replication" and fnmatch.fnmatchcase(database,
+                                                                             self.database))
         return (
-            fnmatch.fnmatchcase(user, self.user)
-            and fnmatch.fnmatchcase(database, self.database)
+            db_ok
+            and fnmatch.fnmatchcase(user, self.user)
             and fnmatch.fnmatchcase(application_name, self.application_name)
         )
 
@@ -135,8 +151,10 @@ class Config:
     tls: TlsConfig
     rules: tuple[Rule, ...]
     metrics: MetricsConfig
-    # Built by tls.py at load time: None when ssl is off.
-    server_tls: Any = field(default=None, compare=False)
+    # Filled in by loader.py: None when ssl is off.
+    server_tls: ServerTls | None = field(default=None, compare=False)
+    # The text and files this configuration was built from (loader.py).
+    snapshot: Snapshot | None = field(default=None, compare=False, repr=False)
 
     @property
     def cert_requested(self) -> bool:
@@ -231,6 +249,7 @@ _TLS = {
     "ssl_crl_file": _as_str,
     "ssl_crl_dir": _as_str,
     "clientcert": _one_of(CLIENTCERT_LEVELS),
+    "clientname": _one_of(CLIENTNAMES),
     "ssl_min_protocol_version": _one_of(TLS_VERSIONS),
     "ssl_max_protocol_version": _one_of(TLS_VERSIONS, allow_empty=True),
     "ssl_ciphers": _as_str,
@@ -264,7 +283,7 @@ def _section(raw: dict[str, Any], name: str, schema: Mapping[str, Callable[[str,
     for key in _PATH_KEYS.get(name, ()):
         value = out.get(key, getattr(defaults, key))
         if value:
-            out[key] = str((base / value).resolve())
+            out[key] = os.path.normpath(base / value)
     return out
 
 
@@ -286,10 +305,7 @@ def _rule(index: int, raw: object) -> Rule:
         elif key == "clientcert":
             values[key] = _one_of(CLIENTCERT_LEVELS[1:])(path, value)
         elif key == "address":
-            try:
-                values[key] = ipaddress.ip_network(_as_str(path, value), strict=False)
-            except ValueError as exc:
-                raise ConfigError(path, f"not a CIDR address: {exc}") from None
+            values[key] = _rule_address(path, _as_str(path, value))
         elif key == "ssl_protocols":
             if not isinstance(value, list) or not value:
                 raise ConfigError(path, "expected a non-empty list such as [\"TLSv1.2\"]")
@@ -304,6 +320,25 @@ def _rule(index: int, raw: object) -> Rule:
     return Rule(index=index, **values)
 
 
+def _rule_address(path: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(path, f"not a CIDR address: {exc}") from None
+    # Peers are compared in IPv4 form (an IPv4 client of a dual-stack listener is seen as
+    # ::ffff:a.b.c.d and mapped back), so an IPv4-mapped rule is written back to IPv4 too:
+    # otherwise it could never match and a reject rule would silently let everyone through.
+    written = text.split("/", 1)[0]
+    if isinstance(net, ipaddress.IPv6Network) and (
+            ipaddress.IPv6Address(written).ipv4_mapped is not None):
+        if net.prefixlen < 96:
+            raise ConfigError(path, f"{text} spans more than the IPv4-mapped range "
+                              "::ffff:0:0/96; write the IPv4 and IPv6 parts as two rules")
+        return ipaddress.ip_network(
+            f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}", strict=False)
+    return net
+
+
 def parse(text: str, path: str) -> Config:
     """Parse and validate; builds no TLS objects (see `load`)."""
     try:
@@ -314,7 +349,8 @@ def parse(text: str, path: str) -> Config:
     for key in raw:
         if key not in known:
             raise ConfigError(key, f"unknown section (known: {', '.join(known)})")
-    base = Path(path).resolve().parent
+    path = os.path.abspath(path)  # absolute, symlinks kept (see the module docstring)
+    base = Path(path).parent
     listen = ListenConfig(**_section(raw, "listen", _LISTEN, base, ListenConfig()))
     backend = BackendConfig(**_section(raw, "backend", _BACKEND, base, BackendConfig()))
     tls = TlsConfig(**_section(raw, "tls", _TLS, base, TlsConfig()))
@@ -340,7 +376,7 @@ def parse(text: str, path: str) -> Config:
             raise ConfigError(f"backend.{key}", "backend TLS is not supported yet (see "
                               "backend.sslmode): leave it empty")
     # require_ssl without ssl is accepted: the seed says it only has effect when ssl is on.
-    cfg = Config(path=str(Path(path).resolve()), listen=listen, backend=backend, tls=tls,
+    cfg = Config(path=path, listen=listen, backend=backend, tls=tls,
                  rules=rules, metrics=metrics)
     if cfg.cert_requested and not tls.ssl:
         raise ConfigError("tls.clientcert", "client certificates need tls.ssl = true")
@@ -362,21 +398,3 @@ def _enabled_versions(tls: TlsConfig) -> tuple[str, ...]:
     lo = TLS_VERSIONS.index(tls.ssl_min_protocol_version)
     hi = TLS_VERSIONS.index(tls.ssl_max_protocol_version) if tls.ssl_max_protocol_version else -1
     return TLS_VERSIONS[lo:] if hi == -1 else TLS_VERSIONS[lo : hi + 1]
-
-
-def load(path: str) -> Config:
-    """Read, validate and build everything (TLS contexts included); raise ConfigError."""
-    from . import tls as tls_mod  # tls imports config's dataclasses
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: '{path}'") from None
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file '{path}': {exc.strerror}") from None
-    cfg = parse(text, path)
-    if cfg.tls.ssl:
-        server_tls = tls_mod.build_server_tls(cfg.tls, cert_requested=cfg.cert_requested)
-        cfg = Config(path=cfg.path, listen=cfg.listen, backend=cfg.backend, tls=cfg.tls,
-                     rules=cfg.rules, metrics=cfg.metrics, server_tls=server_tls)
-    return cfg

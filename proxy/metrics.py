@@ -57,6 +57,13 @@ BACKEND_CONNECT_SECONDS = Histogram(
     "dwsproxy_backend_connect_seconds", "TCP connect to the backend.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 BYTES = Counter("dwsproxy_bytes_total", "Bytes relayed.", ["direction"])
+CANCELS = Counter("dwsproxy_cancel_requests_total", "CancelRequest packets, by what was done.",
+                  ["result"])
+TERMINATED = Counter(
+    "dwsproxy_sessions_terminated_total",
+    "Open sessions closed by a reload (a CRL revoking their certificate, rules refusing them).",
+    ["reason"])
+TERMINATE_REASONS = ("client_cert_revoked", "rule")
 
 
 class _TlsFacts:
@@ -99,6 +106,8 @@ _REJECTED_SERIES = {reason: REJECTED.labels(reason) for reason in REJECT_REASONS
 _SSL_REQUEST_SERIES = {answer: SSL_REQUESTS.labels(answer) for answer in ("S", "N")}
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
+_CANCEL_SERIES = {result: CANCELS.labels(result) for result in ("forwarded", "refused")}
+_TERMINATED_SERIES = {reason: TERMINATED.labels(reason) for reason in TERMINATE_REASONS}
 _BYTES_C2B = BYTES.labels("client_to_backend")
 _BYTES_B2C = BYTES.labels("backend_to_client")
 
@@ -120,6 +129,14 @@ def rejected(reason: str) -> None:
     if series is None:
         raise ValueError(f"unknown rejection reason {reason!r}")
     series.inc()
+
+
+def cancel_request(result: str) -> None:
+    _CANCEL_SERIES[result].inc()
+
+
+def terminated(reason: str) -> None:
+    _TERMINATED_SERIES[reason].inc()
 
 
 def ssl_request(answer: str) -> None:

@@ -31,6 +31,9 @@ class Facts:
     user: str = ""
     database: str = ""
     application_name: str = ""
+    # physical replication opens a walsender for the whole cluster: rules see the pseudo
+    # database "replication", as pg_hba does, never the `database` the client named
+    replication: bool = False
     peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
 
@@ -70,14 +73,20 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
         reason, message = facts.client_cert_error
         return Reject(reason, INVALID_AUTHORIZATION, message,
                       hint="use a valid, unrevoked client certificate (PGSSLCERT, PGSSLKEY)")
-    problem = _check_clientcert(tls.clientcert, facts, "the server")
+    problem = _check_clientcert(tls.clientcert, tls.clientname, facts, "the server")
     if problem is not None:
         return problem
+    return decide_rules(tls.clientname, rules, facts)
+
+
+def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts) -> Decision:
+    """The `[[rules]]` part of `decide`; also asked again of open sessions after a reload."""
     if not rules:
         return Allow()
     for rule in rules:
         if not rule.matches(encrypted=facts.encrypted, user=facts.user, database=facts.database,
-                            application_name=facts.application_name, peer=facts.peer):
+                            application_name=facts.application_name, peer=facts.peer,
+                            replication=facts.replication):
             continue
         if rule.action == "reject":
             return Reject("rule", INVALID_AUTHORIZATION,
@@ -93,17 +102,48 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
                 if facts.encrypted else _SSL_HINT,
             )
         if rule.clientcert:
-            problem = _check_clientcert(rule.clientcert, facts, rule.describe())
+            problem = _check_clientcert(rule.clientcert, clientname, facts, rule.describe())
             if problem is not None:
                 return problem
         return Allow(rule.index)
     where = "SSL encryption" if facts.encrypted else "no encryption"
+    database = ("replication connection" if facts.replication
+                else f"database \"{facts.database}\"")
     return Reject("rule", INVALID_AUTHORIZATION,
-                  f"no rule matches host \"{facts.peer}\", user \"{facts.user}\", database "
-                  f"\"{facts.database}\", application_name \"{facts.application_name}\", {where}")
+                  f"no rule matches host \"{facts.peer}\", user \"{facts.user}\", {database}, "
+                  f"application_name \"{facts.application_name}\", {where}")
 
 
-def _check_clientcert(level: str, facts: Facts, who: str) -> Reject | None:
+def decide_cancel(rules: tuple[Rule, ...], facts: Facts) -> Decision:
+    """A CancelRequest carries no user or database, and libpq before 17 sends it in plaintext
+    whatever sslmode the session used; so it is judged by what it does carry: the direct-TLS
+    ALPN rule, a presented certificate, and the peer address. Rules are read in order: the
+    first one whose address covers the peer decides if it is an `allow` (some session from
+    there may be allowed) or an unconditional `reject` (user, database and application_name
+    all "*"); a reject rule narrowed by user or database cannot judge a cancel and is skipped.
+    No rule covering the peer: refused, as its sessions would be."""
+    if facts.direct_tls and facts.alpn != ALPN_POSTGRESQL:
+        return Reject("tls_handshake", PROTOCOL_VIOLATION, "direct TLS cancel without ALPN")
+    if facts.client_cert_error is not None:
+        return Reject(facts.client_cert_error[0], INVALID_AUTHORIZATION,
+                      facts.client_cert_error[1])
+    if not rules:
+        return Allow()
+    for rule in rules:
+        if rule.address is not None and (facts.peer is None
+                                         or facts.peer.version != rule.address.version
+                                         or facts.peer not in rule.address):
+            continue
+        if rule.action == "allow":
+            return Allow(rule.index)
+        if rule.user == rule.database == rule.application_name == "*":
+            return Reject("rule", INVALID_AUTHORIZATION,
+                          f"cancel request refused by {rule.describe()}")
+    return Reject("rule", INVALID_AUTHORIZATION,
+                  f"cancel request refused: no rule allows host \"{facts.peer}\"")
+
+
+def _check_clientcert(level: str, clientname: str, facts: Facts, who: str) -> Reject | None:
     """The certificate was already verified (CA, CRL, validity) in the handshake when presented;
     here: is one required, and for verify-full does it name the user."""
     if CLIENTCERT_LEVELS.index(level) < CLIENTCERT_LEVELS.index("verify-ca"):
@@ -114,11 +154,24 @@ def _check_clientcert(level: str, facts: Facts, who: str) -> Reject | None:
                       f"connection requires a valid client certificate ({who}: clientcert="
                       f"{level})",
                       hint="connect with SSL and set sslcert and sslkey (PGSSLCERT, PGSSLKEY)")
-    if level == "verify-full" and facts.user not in cert.names():
+    if level == "verify-full" and facts.user not in _names(cert, clientname):
+        shown = {"CN": f"CN \"{cert.common_name}\"", "DN": f"DN \"{cert.subject}\"",
+                 "SAN": f"SANs {list(cert.sans)}"}[clientname]
         return Reject("client_cert_invalid", INVALID_AUTHORIZATION,
                       f"certificate authentication failed for user \"{facts.user}\": client "
-                      f"certificate CN \"{cert.common_name}\" does not match the user name "
-                      f"({who}: clientcert=verify-full)",
+                      f"certificate {shown} does not match the user name "
+                      f"({who}: clientcert=verify-full, clientname={clientname})",
                       hint="connect as the user named in the certificate, or use a certificate "
-                           "whose CN (or a SAN) is the user name")
+                           f"whose {clientname} is the user name")
     return None
+
+
+def _names(cert: CertFacts, clientname: str) -> tuple[str, ...]:
+    """What verify-full compares with the user name: the CN (PostgreSQL's default), the whole
+    subject DN in RFC 4514 form (clientname=DN), or — opt-in, not PostgreSQL — the DNS and
+    e-mail SANs (a SAN is often a host name, which must not pass for a role by default)."""
+    if clientname == "DN":
+        return (cert.subject,)
+    if clientname == "SAN":
+        return cert.sans
+    return (cert.common_name,) if cert.common_name else ()

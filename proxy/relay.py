@@ -35,6 +35,7 @@ class Endpoint(asyncio.Protocol):
         self.peer: Endpoint | None = None
         self.buffer = bytearray()
         self.received = 0  # bytes received while relaying
+        self.last = b""  # the tail of the last chunk relayed: see Session.terminate
         self.eof = False
         self.closed = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
@@ -51,6 +52,7 @@ class Endpoint(asyncio.Protocol):
         peer = self.peer
         if peer is not None:
             self.received += len(data)
+            self.last = data[-6:]
             assert peer.transport is not None
             peer.transport.write(data)
             return
@@ -215,10 +217,14 @@ class TlsEndpoint(Endpoint):
         self.raw_paused = False
         self.peer_paused = False
         self.failed = False  # the handshake failed: its alert is sent, input is discarded
+        self.initial = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
         self.transport = TlsTransport(self, self.raw)  # type: ignore[arg-type]
+        if self.initial:  # bytes the session already read (a direct-TLS ClientHello)
+            data, self.initial = self.initial, b""
+            self.data_received(data)
 
     def pause_writing(self) -> None:
         self.raw_paused = True
@@ -348,6 +354,7 @@ class ToTlsEndpoint(Endpoint):
             Endpoint.data_received(self, data)  # still negotiating, or the client is gone
             return
         self.received += len(data)
+        self.last = data[-6:]
         try:
             peer.encrypt(data)  # a memory BIO takes it all: no partial write
         except ssl.SSLError:

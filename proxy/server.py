@@ -17,18 +17,19 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
-from . import metrics
+from . import loader, metrics
+from . import workers as workers_mod
 from .session import Session
+from .workers import MAIN_PID_ENV, WORKER_SIGNALS, Workers
 
 if TYPE_CHECKING:
     from .config import Config
+    from .snapshot import Snapshot
 
 log = logging.getLogger("dwsproxy.server")
 
@@ -37,22 +38,45 @@ TLS_CLOSE_WAIT = 5.0
 HEALTH_INTERVAL = 5.0
 
 
+# CancelRequests per source address: each one costs the backend a connection (PostgreSQL forks
+# for it), so one peer may send CANCEL_BURST at once and CANCEL_RATE a second after that.
+CANCEL_RATE = 20.0
+CANCEL_BURST = 40.0
+CANCEL_SOURCES = 4096  # addresses remembered; the least recently seen is forgotten first
+
+
 class ServerState:
     """What every session of one process shares: the config in force and the counts."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, processes: int = 1) -> None:
         self.config = cfg
+        # The processes actually serving the port, fixed at start: a reloaded `workers` value
+        # only applies after a restart, so it must not change this process's share.
+        self.processes = processes
         self.open = 0  # client sockets open, negotiating or relaying
         self.admitted = 0  # sessions past the max_connections check, not yet ended
         self.live: set[Session] = set()  # sessions relaying
         self.tasks: set[asyncio.Task[None]] = set()
+        self._cancel_tokens: dict[str, tuple[float, float]] = {}  # host -> (tokens, when)
 
     @property
     def max_connections(self) -> int:
         # Each worker admits its share: workers do not share counters, and SO_REUSEPORT spreads
         # clients evenly, so the proxy as a whole stays within listen.max_connections.
-        listen = self.config.listen
-        return -(-listen.max_connections // listen.workers)
+        return -(-self.config.listen.max_connections // self.processes)
+
+    cancel_rate_text = f"{CANCEL_BURST:.0f} cancel requests at once or {CANCEL_RATE:.0f}/s"
+
+    def cancel_allowed(self, host: str) -> bool:
+        """A token bucket per source address."""
+        now = time.monotonic()
+        tokens, when = self._cancel_tokens.pop(host, (CANCEL_BURST, now))
+        tokens = min(CANCEL_BURST, tokens + (now - when) * CANCEL_RATE)
+        allowed = tokens >= 1.0
+        self._cancel_tokens[host] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._cancel_tokens) > CANCEL_SOURCES:
+            del self._cancel_tokens[next(iter(self._cancel_tokens))]
+        return allowed
 
     def sessions_over_limit(self) -> bool:
         if self.admitted >= self.max_connections:
@@ -189,6 +213,8 @@ async def _tick(state: ServerState) -> None:
         idle = state.config.listen.idle_timeout
         for session in list(state.live):
             session.flush_bytes()
+            if session.terminating is not None:
+                session.try_terminate()
             if idle > 0:
                 marker = (session.flushed_c2b, session.flushed_b2c)
                 if marker != session.idle_marker:
@@ -209,24 +235,46 @@ async def _watch_parent(stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _reload(state: ServerState, *, count: bool) -> bool:
+def _reload(state: ServerState) -> Config | None:
+    """SIGHUP in the main process: read and validate the file again; None when refused."""
     old = state.config
     try:
-        new = config_mod.load(old.path)
+        new = loader.load(old.path)
     except config_mod.ConfigError as exc:
         log.error("reload refused, the previous configuration stays in force: config error: %s",
                   exc)
-        if count:
-            metrics.reload_failed()
-        return False
+        metrics.reload_failed()
+        return None
     if (new.listen.host, new.listen.port, new.listen.workers, new.metrics) != (
             old.listen.host, old.listen.port, old.listen.workers, old.metrics):
         log.warning("listen.host/port/workers and [metrics] changes take effect on restart only")
+    metrics.config_loaded(new.server_tls, reload=True)
+    _apply(state, new)
+    return new
+
+
+def _apply(state: ServerState, new: Config) -> None:
+    """Put a validated configuration in force in this process: new sessions get it, and open
+    ones are checked against it (revocation and rules reach open sessions)."""
     state.config = new
-    if count:
-        metrics.config_loaded(new.server_tls, reload=True)
-    log.info("configuration reloaded from %s", new.path)
-    return True
+    log.info("configuration in force: %s sha256=%s", new.path,
+             new.snapshot.sha256 if new.snapshot else "")
+    for session in list(state.live):
+        verdict = session.recheck(new)
+        if verdict is not None:
+            session.terminate(*verdict)
+
+
+def _worker_message(state: ServerState, message: dict[str, Any]) -> None:
+    """A configuration the main process validated, pushed after a good reload."""
+    if message.get("type") != "config":
+        return
+    try:
+        new = loader.build(workers_mod.snapshot_of(message))
+    except config_mod.ConfigError as exc:  # the same bytes built in the main process
+        log.error("configuration from the main process refused: %s", exc)
+        return
+    _apply(state, new)
 
 
 async def _drain(state: ServerState, grace: float) -> None:
@@ -243,91 +291,16 @@ async def _drain(state: ServerState, grace: float) -> None:
             task.cancel()
 
 
-WORKER_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-MAIN_PID_ENV = "DWSPROXY_MAIN_PID"
-
-
-class Workers:
-    """The extra worker processes of `workers > 1`. The main process is worker 0 itself (it
-    also serves /metrics for all, validates and counts reloads): one process fewer than a
-    pure supervisor, which on a 2-core machine is ~40 MB of RSS and a runnable process less."""
-
-    def __init__(self, count: int, argv: list[str]) -> None:
-        self.argv = argv
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.backoff: dict[int, float] = {}
-        self.started: dict[int, float] = {}
-        for slot in range(1, count):
-            self._spawn(slot)
-        self.watcher = asyncio.get_running_loop().create_task(self.watch())
-
-    def _spawn(self, slot: int) -> None:
-        # The child inherits a blocked SIGHUP/SIGTERM/SIGINT through exec and unblocks them once
-        # its handlers are installed: a reload sent while it imports must not kill it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "proxy", *self.argv, "--worker"],
-                                    env={**os.environ, MAIN_PID_ENV: str(os.getpid())})
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self.procs[slot] = proc
-        self.started[slot] = time.monotonic()
-        log.info("worker %d started (pid %d)", slot, proc.pid)
-
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs.values())
-
-    async def watch(self) -> None:
-        """Restart a worker that died, after a backoff (0.5 s doubling to 30 s, reset once a
-        worker has lived a minute), so that one that cannot start does not spin. A restarted
-        worker reads the config file as it is on disk now."""
-        restart_at: dict[int, float] = {}
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for slot, proc in list(self.procs.items()):
-                if proc.poll() is None:
-                    continue
-                if slot not in restart_at:
-                    if now - self.started[slot] > 60:
-                        self.backoff.pop(slot, None)
-                    delay = self.backoff[slot] = min(self.backoff.get(slot, 0.25) * 2, 30.0)
-                    restart_at[slot] = now + delay
-                    log.error("worker %d (pid %d) exited with %s: restarting in %.1fs", slot,
-                              proc.pid, proc.returncode, delay)
-                    metrics.mark_process_dead(proc.pid)
-                elif now >= restart_at[slot]:
-                    del restart_at[slot]
-                    self._spawn(slot)
-
-    def signal(self, sig: int) -> None:
-        for proc in self.procs.values():
-            proc.send_signal(sig)
-
-    def stop(self) -> None:
-        self.watcher.cancel()  # no restarts while stopping
-        self.signal(signal.SIGTERM)
-
-    async def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        clean = True
-        for proc in self.procs.values():
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if proc.poll() is None:
-                proc.kill()
-                clean = False
-            metrics.mark_process_dead(proc.pid)
-        return clean
-
-
 async def serve(cfg: Config, *, worker: bool = False,
-                worker_argv: list[str] | None = None) -> int:
+                worker_argv: list[str] | None = None,
+                control: socket.socket | None = None) -> int:
     """Run one proxy process: listener, sessions, ticks. The main process (not `worker`) also
-    serves /metrics and /healthz, checks the backend, counts reloads, and with `workers > 1`
-    starts and watches the other workers. Returns the exit status."""
+    serves /metrics and /healthz, checks the backend, validates reloads, and with
+    `workers > 1` starts and watches the other workers, which get their configuration from it
+    over `control`. Returns the exit status."""
     loop = asyncio.get_running_loop()
-    state = ServerState(cfg)
+    # The number of processes is the one started with: a reload cannot change it.
+    state = ServerState(cfg, processes=cfg.listen.workers)
     try:
         sock = make_listen_socket(cfg.listen.host, cfg.listen.port,
                                   reuse_port=cfg.listen.workers > 1)
@@ -356,14 +329,26 @@ async def serve(cfg: Config, *, worker: bool = False,
         background.append(loop.create_task(health.run(lambda: state.config)))
         metrics.config_loaded(cfg.server_tls, reload=False)
         if cfg.listen.workers > 1:
-            workers = Workers(cfg.listen.workers, worker_argv or [])
+            def in_force() -> Snapshot:
+                assert state.config.snapshot is not None
+                return state.config.snapshot
+
+            workers = Workers(cfg.listen.workers, worker_argv or [], in_force)
     else:
         background.append(loop.create_task(_watch_parent(stop)))
+        if control is not None:
+            background.append(loop.create_task(workers_mod.read_messages(
+                control, lambda message: _worker_message(state, message))))
 
     def on_hup() -> None:
-        # The main process validates and counts once; workers reload only after it succeeded.
-        if _reload(state, count=not worker) and workers is not None:
-            workers.signal(signal.SIGHUP)
+        # The main process validates once and pushes what it validated; a worker never reads
+        # the file (a SIGHUP sent to it directly, e.g. by pkill, changes nothing).
+        if worker:
+            log.info("SIGHUP ignored by a worker: the main process reloads and informs it")
+            return
+        new = _reload(state)
+        if new is not None and new.snapshot is not None and workers is not None:
+            workers.push(new.snapshot)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

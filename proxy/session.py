@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics, policy, tls, wire
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
+
+ALPN_OFFER = tls.ALPN_POSTGRESQL.encode()
 
 if TYPE_CHECKING:
     from .config import Config
@@ -55,7 +58,12 @@ class Session:
         self.cipher = ""
         self.alpn: str | None = None
         self.client_cert: tls.CertFacts | None = None
+        # the presented chain (DER), kept to check it again when a reload brings new CRLs
+        self.peer_chain: tuple[bytes, tuple[bytes, ...]] | None = None
         self.cert_error: tuple[str, str] | None = None
+        self.facts: policy.Facts | None = None  # what the policy allowed, for reload rechecks
+        self.terminating: bytes | None = None  # the FATAL a reload ends this session with
+        self._terminate_deadline = 0.0
         self.outcome = "closed"
         self.detail = ""
         self.linked = False
@@ -176,7 +184,12 @@ class Session:
                                  + ("ssl is off" if not tls_cfg.ssl else "direct_ssl is off"))
                     return False
                 self.direct = True
-                return await self._start_tls()
+                hello = await self._read_tls_record()
+                if hello is None:
+                    self._reject("tls_handshake", "client closed in the middle of its "
+                                 "ClientHello")
+                    return False
+                return await self._start_tls(hello)
             event = await self._read_raw_packet()
             if event is None:
                 self._reject("bad_startup", "client closed in the middle of a start-up packet")
@@ -220,11 +233,35 @@ class Session:
         if sent < len(data):
             await self.loop.sock_sendall(self.sock, data[sent:])
 
-    async def _start_tls(self) -> bool:
+    async def _read_tls_record(self) -> bytes | None:
+        """The first TLS record of a direct-TLS connection, read whole: its ClientHello's ALPN
+        offer is checked before OpenSSL answers it."""
+        head = await self._recv_exactly(tls.TLS_RECORD_HEADER)
+        if head is None:
+            return None
+        size = min(int.from_bytes(head[3:5], "big"), tls.TLS_MAX_RECORD)
+        body = await self._recv_exactly(size)
+        return None if body is None else head + body
+
+    async def _recv_exactly(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            data = await self._recv(n - len(buf))
+            if not data:
+                return None
+            buf += data
+        return buf
+
+    async def _start_tls(self, hello: bytes = b"") -> bool:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
         t0 = time.perf_counter()
         client = TlsEndpoint(server_tls.context)
+        if hello:
+            offered = tls.client_hello_alpn(hello)
+            if offered is not None and ALPN_OFFER not in offered:
+                tls.refuse_alpn(client.ssl_object)
+            client.initial = hello  # fed to OpenSSL in connection_made, before any read
         await self.loop.connect_accepted_socket(lambda: client, self.sock)
         self.client = client  # from here on _finish() closes it, whatever happens
         try:
@@ -240,9 +277,9 @@ class Session:
         cipher = sslobj.cipher()
         self.cipher = cipher[0] if cipher else ""
         self.alpn = sslobj.selected_alpn_protocol()
-        self.client_cert = tls.peer_cert_facts(sslobj)
-        if self.client_cert is not None:
-            self.cert_error = tls.check_revocation(server_tls, sslobj, time.time())
+        self.peer_chain = tls.peer_chain(sslobj)
+        if self.peer_chain is not None:
+            self.cert_error = self._check_certificate(server_tls)
         event = await self.client.read_packet()
         if event is None:
             self._reject("tls_handshake", "client closed right after the TLS handshake "
@@ -252,9 +289,25 @@ class Session:
             event = wire.ProtocolViolation("unexpected encryption request inside TLS")
         return await self._handle_first_packet(event)
 
+    def _check_certificate(self, server_tls: tls.ServerTls) -> tuple[str, str] | None:
+        """Facts of the presented certificate and OpenSSL's verdict on it with the CRLs of
+        `server_tls`; (reason, message) when it must be refused."""
+        assert self.peer_chain is not None
+        leaf, chain = self.peer_chain
+        try:
+            self.client_cert = tls.peer_cert_facts(leaf)
+        except ValueError as exc:
+            # OpenSSL accepted it, `cryptography` cannot read it (e.g. a non-ASCII dNSName):
+            # without its names no policy can be applied to it.
+            return ("client_cert_invalid",
+                    f"client certificate refused: it cannot be parsed ({exc})")
+        if server_tls.verifier is None:  # pragma: no cover - certificates need a CA file
+            return ("client_cert_invalid", "client certificate refused: no CA configured")
+        return server_tls.verifier.check(leaf, chain)
+
     async def _handle_first_packet(self, event: wire.Event) -> bool:
         if isinstance(event, wire.CancelRequest):
-            await self._forward_cancel(event.raw)
+            await self._cancel(event)
             return False
         if isinstance(event, wire.ProtocolViolation):
             if event.reply:
@@ -270,13 +323,16 @@ class Session:
                          hint=f"the proxy allows listen.max_connections="
                               f"{self.cfg.listen.max_connections} client connections")
             return False
-        facts = policy.Facts(
-            encrypted=self.encrypted, tls_version=self.tls_version, cipher=self.cipher,
-            direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
-            client_cert_error=self.cert_error,
-            user=event.user, database=event.database,
-            application_name=event.application_name,
-            peer=self._peer_ip() if self.cfg.rules else None)  # only [[rules]] look at it
+        replication = event.replication
+        if replication is None:
+            value = event.parameters["replication"]
+            self._refuse("bad_startup", wire.INVALID_PARAMETER_VALUE,
+                         f"invalid value for parameter \"replication\": \"{value}\"",
+                         hint="Valid values are: \"false\", 0, \"true\", 1, \"database\".")
+            return False
+        facts = self.facts = self._facts(user=event.user, database=event.database,
+                                         application_name=event.application_name,
+                                         replication=replication == "physical")
         decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
         if isinstance(decision, policy.Reject):
             self._refuse(decision.reason, decision.sqlstate, decision.message,
@@ -284,9 +340,35 @@ class Session:
             return False
         return True
 
+    def _facts(self, **startup: Any) -> policy.Facts:
+        return policy.Facts(
+            encrypted=self.encrypted, tls_version=self.tls_version, cipher=self.cipher,
+            direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
+            client_cert_error=self.cert_error,
+            peer=self._peer_ip() if self.cfg.rules else None,  # only [[rules]] look at it
+            **startup)
+
+    async def _cancel(self, event: wire.CancelRequest) -> None:
+        """Police a CancelRequest, then forward exactly its packet (policy.decide_cancel)."""
+        decision = policy.decide_cancel(self.cfg.rules, self._facts())
+        if isinstance(decision, policy.Reject):
+            self._cancel_refused(decision.message)
+            return
+        if not self.state.cancel_allowed(self.peer_host):
+            self._cancel_refused(f"more than {self.state.cancel_rate_text} from {self.peer_host}")
+            return
+        await self._forward_cancel(event.raw)
+
+    def _cancel_refused(self, why: str) -> None:
+        # No answer: PostgreSQL never replies to a CancelRequest, so neither does a refusal.
+        metrics.cancel_request("refused")
+        self.outcome = "cancel_refused"
+        self.detail = why
+
     async def _forward_cancel(self, raw: bytes) -> None:
         # Sessions are relayed 1:1, so the backend's own BackendKeyData reached the client and
         # the key in this request is the backend's: pass it on unchanged.
+        metrics.cancel_request("forwarded")
         self.outcome = "cancel_forwarded"
         backend = self.cfg.backend
         try:
@@ -351,6 +433,62 @@ class Session:
             if side is not None:
                 side.close()
 
+    # -- a reload reaching an open session ------------------------------------------------------
+    def recheck(self, new: Config) -> tuple[str, str] | None:
+        """(reason, message) when the configuration `new` must end this open session: its
+        certificate is revoked by the new CRLs, or the new rules refuse it. Other changes
+        (require_ssl, clientcert levels) apply to new connections only, as in PostgreSQL."""
+        server_tls = new.server_tls
+        if self.peer_chain is not None and server_tls is not None and server_tls.verifier:
+            verdict = server_tls.verifier.check(*self.peer_chain)
+            if verdict is not None and verdict[0] == "client_cert_revoked":
+                return verdict
+        if self.facts is not None:
+            facts = dataclasses.replace(self.facts,
+                                        peer=self._peer_ip() if new.rules else None)
+            decision = policy.decide_rules(new.tls.clientname, new.rules, facts)
+            if isinstance(decision, policy.Reject):
+                return "rule", decision.message
+        return None
+
+    def terminate(self, reason: str, message: str) -> None:
+        """End a relaying session with a FATAL the client reads (57P01, as PostgreSQL's
+        pg_terminate_backend): no new query is read from the client, and the error goes out
+        at the next message boundary of the backend's stream (after its ReadyForQuery),
+        within TERMINATE_WAIT; past that the session is closed without it."""
+        if self.terminating is not None or self.client is None or self.backend is None:
+            return
+        metrics.terminated(reason)
+        text = f"terminating connection: {message}"
+        log.warning("%s", text, extra={"fields": {"peer": self.peer_addr,
+                                                   "reason": reason}})
+        self.terminating = wire.error_response(
+            wire.ADMIN_SHUTDOWN, text,
+            detail=f"closed by dwsproxy after a configuration reload, reason {reason}",
+            hint="reconnect with a certificate and settings the new configuration allows")
+        self.detail = text
+        self.outcome = f"terminated_{reason}"
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+        self._terminate_deadline = time.monotonic() + TERMINATE_WAIT
+        self.try_terminate()
+
+    def try_terminate(self) -> bool:
+        """Called at terminate() and then by the server's tick until the session ended."""
+        if self.terminating is None or self.client is None or self.backend is None:
+            return False
+        client = self.client.transport
+        at_boundary = _ends_with_ready_for_query(self.backend.last)
+        if at_boundary and client is not None and not client.is_closing():
+            client.write(self.terminating)
+        elif time.monotonic() < self._terminate_deadline:
+            return False
+        else:
+            self.detail += " (closed without the message: the backend was mid-reply)"
+        self.backend.close()
+        self.client.close()
+        return True
+
     # -- outcome --------------------------------------------------------------------------------
     def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "") -> None:
         """An ErrorResponse to the client, then the rejection recorded."""
@@ -393,6 +531,16 @@ class Session:
         }
         level = logging.DEBUG if self.outcome == "empty" else logging.INFO
         log.log(level, "connection closed", extra={"fields": fields})
+
+
+TERMINATE_WAIT = 3.0  # seconds a terminated session may take to reach a message boundary
+_READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+
+
+def _ends_with_ready_for_query(chunk: bytes) -> bool:
+    """Whether the backend's last chunk ended with a ReadyForQuery ('Z', length 5, status):
+    the stream is then between messages and the client waits for a query."""
+    return len(chunk) >= 6 and chunk[-6:-1] == _READY_FOR_QUERY and chunk[-1:] in b"ITE"
 
 
 def _refusal(reason: str, sqlstate: str, message: str, hint: str = "") -> bytes:

@@ -1,39 +1,35 @@
 """TLS objects and certificate facts.
 
-Owns: building the client-facing `ssl.SSLContext` from `[tls]` (certificate chain, key and its
-passphrase, CA, CRLs, versions, ciphers, ALPN), checking key-file permissions the way PostgreSQL
-does, reading facts out of certificates and CRLs with `cryptography`, and naming why a handshake
-failed. Must not do socket I/O or decide policy.
+Owns: building the client-facing `ssl.SSLContext` from `[tls]` and a snapshot of its files
+(certificate chain, key and its passphrase, CA, versions, ciphers, ALPN) together with the
+client-certificate `Verifier` (verify.py), reading facts out of certificates, finding the ALPN
+offer of a direct-TLS ClientHello, and naming why a handshake failed. Must not do socket I/O,
+read files from disk (snapshot.py does) or decide policy.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import ssl
-import stat
+import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ConfigError, TlsConfig
+from .snapshot import Snapshot, as_path
+from .verify import CrlFacts, Verifier, load_crls, name_to_str
 
 if TYPE_CHECKING:
     from cryptography import x509
 
-# `cryptography` is imported only where a CA file is configured (client certificates, CRLs):
-# it costs ~9 MB of RSS per process, and a plain TLS-terminating worker never needs it.
+# `cryptography` and pyOpenSSL are imported only where a CA file is configured (client
+# certificates, CRLs): they cost ~9 MB of RSS per process, and a plain TLS-terminating worker
+# never needs them.
 
 log = logging.getLogger("dwsproxy.tls")
 
 ALPN_POSTGRESQL = "postgresql"
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
-
-# SSL_CTX_ctrl commands and values (openssl/ssl.h), for the one setting Python does not expose.
-_SSL_CTRL_SET_SESS_CACHE_MODE = 44
-_SSL_CTRL_GET_SESS_CACHE_MODE = 45
-_SSL_SESS_CACHE_OFF = 0
-
 
 @dataclass(frozen=True)
 class CertFacts:
@@ -44,59 +40,20 @@ class CertFacts:
     serial: int
     not_after: float  # Unix time
 
-    def names(self) -> tuple[str, ...]:
-        return ((self.common_name,) if self.common_name else ()) + self.sans
-
-
-@dataclass(frozen=True)
-class CrlFacts:
-    issuer: str
-    next_update: float | None
-
 
 @dataclass(frozen=True)
 class ServerTls:
     context: ssl.SSLContext
-    crl_by_issuer: dict[x509.Name, x509.CertificateRevocationList]
-    # (issuer, issuer key DER) -> its CRL's signature is valid: verified once, not per client
-    crl_signature_ok: dict[tuple[x509.Name, bytes], bool]
-    resumable: bool  # the session cache could not be switched off
+    # None without a CA file: then no client certificate is ever asked for
+    verifier: Verifier | None
     server_cert: CertFacts
     ca_certs: tuple[CertFacts, ...]
     crls: tuple[CrlFacts, ...]
 
 
-def disable_session_cache(ctx: ssl.SSLContext) -> bool:
-    """SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF), as PostgreSQL's be_tls_init
-    does. Without it a TLS 1.2 client may resume a session whose certificate was refused (or
-    revoked since), and a resumed session has no verified chain to re-check against the CRLs.
-    Python has no API for it: the SSL_CTX pointer is read from the SSLContext object and checked
-    (its options must read back as ctx.options) before anything is written; False when unsure."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # dlsym: its libssl
-        lib.SSL_CTX_ctrl.restype = ctypes.c_long
-        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
-                                     ctypes.c_void_p]
-        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-        # PySSLContext: PyObject_HEAD (refcount, type), then `SSL_CTX *ctx`.
-        ptr = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
-        if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
-            return False
-        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
-        return bool(lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)
-                    == _SSL_SESS_CACHE_OFF)
-    except (OSError, AttributeError, ValueError):
-        return False
-
-
-def name_to_str(name: x509.Name) -> str:
-    return name.rfc4514_string()
-
-
 def cert_facts(cert: x509.Certificate) -> CertFacts:
+    """Facts of a parsed certificate. Raises ValueError for one that `cryptography` cannot
+    parse although OpenSSL accepted it (e.g. a non-ASCII dNSName): the caller refuses it."""
     from cryptography import x509
     from cryptography.x509.oid import ExtensionOID, NameOID
 
@@ -127,16 +84,14 @@ _RFC4514 = {"commonName": "CN", "organizationName": "O", "organizationalUnitName
             "streetAddress": "STREET", "domainComponent": "DC", "userId": "UID"}
 
 
-def server_cert_facts(path: str) -> CertFacts:
+def server_cert_facts(pem: bytes, path: str) -> CertFacts:
     """Facts of the first (leaf) certificate of a PEM file, read with the stdlib's decoder so
     that a worker without client certificates never loads `cryptography`. The subject is
     written like cryptography's rfc4514_string (last RDN first), so metric labels agree."""
     key = "tls.ssl_cert_file"
-    _read(path, key)  # a clear error for a missing or unreadable file
     try:
-        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - a Python without the helper
-        return cert_facts(_read_pem_certs(path, key)[0])
+        with as_path(pem, "server.crt") as readable:
+            decoded = ssl._ssl._test_decode_cert(readable)  # type: ignore[attr-defined]
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(key, f"'{path}' holds no readable PEM certificate: {exc}") from None
 
@@ -162,89 +117,39 @@ def _escape(value: str) -> str:
     return out
 
 
-def peer_cert_facts(ssl_object: ssl.SSLObject | None) -> CertFacts | None:
-    """Facts of the verified client certificate, or None when none was presented."""
-    if ssl_object is None:
+def peer_chain(ssl_object: ssl.SSLObject) -> tuple[bytes, tuple[bytes, ...]] | None:
+    """(leaf, certificates the client sent after it) in DER, or None without a certificate.
+    A resumed TLS 1.2 session has the leaf but no chain: the Verifier then needs the issuer in
+    the CA file, so resumption can never skip a check."""
+    leaf = ssl_object.getpeercert(binary_form=True)
+    if not leaf:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        return None
+    sslobj = getattr(ssl_object, "_sslobj", ssl_object)
+    getter = getattr(sslobj, "get_unverified_chain", None)  # public from Python 3.13
+    sent = (getter() or []) if getter is not None else []
+    ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in sent]  # type: ignore[attr-defined]
+    return leaf, tuple(d for d in ders if d != leaf)
+
+
+def peer_cert_facts(leaf_der: bytes) -> CertFacts:
+    """Facts of the client's certificate; ValueError when `cryptography` cannot parse it."""
     from cryptography import x509
 
-    return cert_facts(x509.load_der_x509_certificate(der))
+    return cert_facts(x509.load_der_x509_certificate(leaf_der))
 
 
-def check_key_permissions(path: str, key: str = "tls.ssl_key_file") -> None:
-    """PostgreSQL's rule (be-secure-common.c): owned by us with no group/other access, or owned
-    by root with at most group read."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(key, f"no such file '{path}'") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(key, f"'{path}' is not a regular file")
-    if st.st_uid != os.geteuid() and st.st_uid != 0:
-        raise ConfigError(key, f"'{path}' must be owned by the proxy's user or root")
-    if (st.st_uid == os.geteuid() and st.st_mode & 0o077) or (
-        st.st_uid == 0 and st.st_mode & 0o037
-    ):
-        raise ConfigError(
-            key,
-            f"'{path}' has group or world access (mode {stat.S_IMODE(st.st_mode):04o}); "
-            "chmod 600 it (or 640 if owned by root)",
-        )
-
-
-def _read_pem_certs(path: str, key: str) -> list[x509.Certificate]:
+def _pem_certs(data: bytes, path: str, key: str) -> list[x509.Certificate]:
     from cryptography import x509
 
-    data = _read(path, key)
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
         raise ConfigError(key, f"'{path}' holds no readable PEM certificate: {exc}") from None
-    return certs
 
 
-def _read(path: str, key: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(key, f"no such file '{path}'") from None
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read '{path}': {exc.strerror}") from None
-
-
-def _load_crls(tls: TlsConfig) -> list[x509.CertificateRevocationList]:
-    from cryptography import x509
-
-    sources: list[tuple[str, str]] = []
-    if tls.ssl_crl_file:
-        sources.append(("tls.ssl_crl_file", tls.ssl_crl_file))
-    if tls.ssl_crl_dir:
-        folder = Path(tls.ssl_crl_dir)
-        if not folder.is_dir():
-            raise ConfigError("tls.ssl_crl_dir", f"no such directory '{folder}'")
-        for entry in sorted(folder.iterdir()):
-            if entry.suffix in (".crl", ".pem", ".r0") and entry.is_file():
-                sources.append(("tls.ssl_crl_dir", str(entry)))
-    crls: list[x509.CertificateRevocationList] = []
-    for key, path in sources:
-        data = _read(path, key)
-        try:
-            if b"-----BEGIN X509 CRL-----" in data:
-                blocks = data.split(b"-----END X509 CRL-----")
-                for block in blocks[:-1]:
-                    crls.append(x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n"))
-            else:
-                crls.append(x509.load_der_x509_crl(data))
-        except ValueError as exc:
-            raise ConfigError(key, f"'{path}' is not a CRL (PEM or DER): {exc}") from None
-    return crls
-
-
-def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
-    """Everything TLS for the client-facing side, or ConfigError naming the key at fault."""
+def build_server_tls(tls: TlsConfig, snap: Snapshot, *, cert_requested: bool) -> ServerTls:
+    """Everything TLS for the client-facing side from a snapshot's bytes, or ConfigError
+    naming the key at fault."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.ssl_min_protocol_version]
     ctx.maximum_version = (
@@ -258,29 +163,29 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
         raise ConfigError("tls.ssl_ciphers", f"no usable cipher in {tls.ssl_ciphers!r}") from None
     # No compression (CRIME), no renegotiation, server picks the suite; no session tickets, as
     # PostgreSQL (be-secure-openssl.c) — libpq never resumes, tickets would only cost a key.
+    # A TLS 1.2 session-ID resumption is still possible (Python cannot switch OpenSSL's server
+    # cache off without poking at its memory); it skips nothing: every presented certificate
+    # is checked again by the Verifier, resumed or not.
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
                     | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET)
     ctx.num_tickets = 0
-    resumable = not disable_session_cache(ctx)
-    if resumable:
-        log.warning("could not switch off the TLS session cache: resumed sessions with a "
-                    "client certificate will be refused (their chain cannot be re-checked)")
     ctx.set_alpn_protocols([ALPN_POSTGRESQL])
+    ctx.sni_callback = _refuse_without_alpn
 
-    server_cert = server_cert_facts(tls.ssl_cert_file)
-    check_key_permissions(tls.ssl_key_file)
-    key_pem = _read(tls.ssl_key_file, "tls.ssl_key_file")
+    cert_pem = snap.read(tls.ssl_cert_file, "tls.ssl_cert_file")
+    server_cert = server_cert_facts(cert_pem, tls.ssl_cert_file)
+    key_pem = snap.read(tls.ssl_key_file, "tls.ssl_key_file")
     password = b""
     if tls.ssl_passphrase_file:
-        check_key_permissions(tls.ssl_passphrase_file, "tls.ssl_passphrase_file")
-        password = _read(tls.ssl_passphrase_file, "tls.ssl_passphrase_file").rstrip(b"\r\n")
+        password = snap.read(tls.ssl_passphrase_file, "tls.ssl_passphrase_file").rstrip(b"\r\n")
     encrypted = b"ENCRYPTED" in key_pem
     if encrypted and not password:
         raise ConfigError("tls.ssl_key_file",
                           "the key is encrypted: set tls.ssl_passphrase_file")
     try:
         # Always pass a password: without one OpenSSL would prompt on the terminal.
-        ctx.load_cert_chain(tls.ssl_cert_file, tls.ssl_key_file, password=password or b"-")
+        with as_path(cert_pem, "server.crt") as cert_path, as_path(key_pem, "server.key") as kp:
+            ctx.load_cert_chain(cert_path, kp, password=password or b"-")
     except ssl.SSLError as exc:
         if encrypted:
             raise ConfigError("tls.ssl_passphrase_file",
@@ -288,53 +193,98 @@ def build_server_tls(tls: TlsConfig, *, cert_requested: bool) -> ServerTls:
         raise ConfigError("tls.ssl_key_file",
                           f"cannot use the key with tls.ssl_cert_file: {exc.reason}") from None
 
-    ca_certs: list[x509.Certificate] = []
-    crls: list[x509.CertificateRevocationList] = []
+    verifier = None
+    ca_facts: tuple[CertFacts, ...] = ()
+    crl_facts: tuple[CrlFacts, ...] = ()
     if tls.ssl_ca_file:
-        ca_certs = _read_pem_certs(tls.ssl_ca_file, "tls.ssl_ca_file")
-        crls = _load_crls(tls)
+        ca_pem = snap.read(tls.ssl_ca_file, "tls.ssl_ca_file")
+        ca_certs = _pem_certs(ca_pem, tls.ssl_ca_file, "tls.ssl_ca_file")
+        crls = load_crls(snap, tls.ssl_crl_file, tls.ssl_crl_dir)
+        verifier = Verifier(ca_certs, crls)
+        ca_facts = tuple(cert_facts(c) for c in ca_certs)
+        crl_facts = verifier.crl_facts
+        if crls.usable:
+            _warn_cas_without_crl(ca_certs, crls.usable)
+        if cert_requested:
+            ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+            # Asked for and verified when presented; a missing certificate is refused after
+            # the handshake with an ErrorResponse (PostgreSQL does the same), so the client
+            # reads why. CRLs are the Verifier's, after the handshake, for the same reason.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
     elif tls.ssl_crl_file or tls.ssl_crl_dir:
         raise ConfigError("tls.ssl_crl_file", "a CRL needs tls.ssl_ca_file")
-    if cert_requested:
-        ctx.load_verify_locations(cafile=tls.ssl_ca_file)
-        # Asked for and verified when presented; a missing certificate is refused after the
-        # handshake with an ErrorResponse (PostgreSQL does the same), so the client reads why.
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-        # CRLs are checked after the handshake (check_revocation), not by OpenSSL inside it:
-        # a refusal is then an ErrorResponse that names the revoked certificate or the issuer
-        # whose CRL is missing, which a TLS alert cannot say (OpenSSL also frees the peer chain
-        # of a failed verification, so the log could not name it either).
-        if crls:
-            _warn_cas_without_crl(ca_certs, crls)
-    by_issuer: dict[x509.Name, x509.CertificateRevocationList] = {}
-    for crl in crls:  # the newest CRL of each issuer counts
-        old = by_issuer.get(crl.issuer)
-        if old is None or crl.last_update_utc > old.last_update_utc:
-            by_issuer[crl.issuer] = crl
-    return ServerTls(
-        context=ctx,
-        resumable=resumable,
-        crl_by_issuer=by_issuer,
-        crl_signature_ok={},
-        server_cert=server_cert,
-        ca_certs=tuple(cert_facts(c) for c in ca_certs),
-        crls=tuple(
-            CrlFacts(
-                issuer=name_to_str(c.issuer),
-                next_update=c.next_update_utc.timestamp() if c.next_update_utc else None,
-            )
-            for c in by_issuer.values()
-        ),
-    )
+    return ServerTls(context=ctx, verifier=verifier, server_cert=server_cert,
+                     ca_certs=ca_facts, crls=crl_facts)
 
 
 def _warn_cas_without_crl(cas: list[x509.Certificate],
-                          crls: list[x509.CertificateRevocationList]) -> None:
+                          crls: tuple[x509.CertificateRevocationList, ...]) -> None:
     issuers = {c.issuer for c in crls}
     for ca in cas:
         if ca.subject not in issuers:
             log.warning("no CRL loaded for CA %s: client certificates chaining to it will be "
                         "refused (CRL checking fails closed)", name_to_str(ca.subject))
+
+
+# -- direct TLS and ALPN ---------------------------------------------------------------------
+# PostgreSQL 17 requires ALPN "postgresql" on direct TLS (against cross-protocol attacks) and
+# refuses a ClientHello that offers other protocols with the no_application_protocol alert
+# (be-secure-openssl.c alpn_cb). Python's ALPN callback only ever declines (NOACK), so the offer
+# is read from the ClientHello record before OpenSSL sees it, and OpenSSL itself is made to
+# send the alert: a servername callback that returns an alert aborts the handshake with it.
+ALERT_NO_APPLICATION_PROTOCOL = 120
+_REFUSE_ALPN = "_dwsproxy_refuse_alpn"
+
+
+def refuse_alpn(ssl_object: ssl.SSLObject) -> None:
+    """Make this connection's handshake fail with no_application_protocol."""
+    setattr(ssl_object, _REFUSE_ALPN, True)
+
+
+def _refuse_without_alpn(ssl_object: ssl.SSLObject, _name: str | None,
+                         _ctx: ssl.SSLContext) -> int | None:
+    return ALERT_NO_APPLICATION_PROTOCOL if getattr(ssl_object, _REFUSE_ALPN, False) else None
+
+
+TLS_RECORD_HEADER = 5
+TLS_MAX_RECORD = 16384 + 2048  # a TLSPlaintext record's limit, with room for an expansion
+
+
+def client_hello_alpn(record: bytes) -> tuple[bytes, ...] | None:
+    """The ALPN protocols offered in a ClientHello that fits one TLS record; () when it offers
+    none; None when the record is not a whole ClientHello (OpenSSL then decides alone)."""
+    try:
+        if record[0] != 0x16 or len(record) < TLS_RECORD_HEADER + 4 or record[5] != 1:
+            return None
+        body_len = int.from_bytes(record[6:9], "big")
+        body = record[9:9 + body_len]
+        if len(body) != body_len:
+            return None  # the ClientHello continues in another record
+        pos = 2 + 32  # legacy_version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        if pos == len(body):
+            return ()  # no extensions at all
+        (ext_total,) = struct.unpack_from("!H", body, pos)
+        pos += 2
+        end = pos + ext_total
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack_from("!HH", body, pos)
+            pos += 4
+            if ext_type == 16:  # application_layer_protocol_negotiation (RFC 7301)
+                names = []
+                (list_len,) = struct.unpack_from("!H", body, pos)
+                at, stop = pos + 2, pos + 2 + list_len
+                while at < stop:
+                    size = body[at]
+                    names.append(bytes(body[at + 1:at + 1 + size]))
+                    at += 1 + size
+                return tuple(names)
+            pos += ext_len
+        return ()
+    except (IndexError, struct.error):
+        return None
 
 
 def handshake_failure(exc: BaseException) -> tuple[str, str]:
@@ -349,60 +299,3 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
     return "tls_handshake", f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
-def verified_chain(ssl_object: ssl.SSLObject) -> list[x509.Certificate]:
-    """The chain OpenSSL verified, leaf first, trust anchor last."""
-    from cryptography import x509
-
-    getter = getattr(ssl_object, "get_verified_chain", None)  # public from Python 3.13
-    if getter is None:
-        getter = ssl_object._sslobj.get_verified_chain  # type: ignore[attr-defined]
-    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER))  # type: ignore
-            for c in getter() or []]
-
-
-def _crl_signature_ok(server_tls: ServerTls, crl: x509.CertificateRevocationList,
-                      issuer_cert: x509.Certificate) -> bool:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    key = issuer_cert.public_key()
-    cache_key = (crl.issuer, key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
-    ok = server_tls.crl_signature_ok.get(cache_key)
-    if ok is None:
-        ok = server_tls.crl_signature_ok[cache_key] = crl.is_signature_valid(
-            key)  # type: ignore[arg-type]
-    return ok
-
-
-def check_revocation(server_tls: ServerTls, ssl_object: ssl.SSLObject,
-                     now: float) -> tuple[str, str] | None:
-    """CRL check of every certificate of a verified client chain, the trust anchor included,
-    as OpenSSL's X509_V_FLAG_CRL_CHECK_ALL does: each needs its issuer's CRL (fail closed),
-    correctly signed and not past its nextUpdate. Returns (reason, message) or None."""
-    if ssl_object.session_reused and server_tls.resumable:
-        return ("client_cert_invalid",
-                "client certificate refused: resumed TLS session (its chain cannot be re-checked)")
-    if not server_tls.crl_by_issuer:
-        return None
-    chain = verified_chain(ssl_object)
-    if not chain:  # fail closed: nothing to check is not "nothing revoked"
-        return ("client_cert_invalid", "client certificate refused: no verified chain to check")
-    for i, cert in enumerate(chain):
-        issuer_cert = chain[i + 1] if i + 1 < len(chain) else cert
-        issuer = name_to_str(cert.issuer)
-        crl = server_tls.crl_by_issuer.get(cert.issuer)
-        if crl is None:
-            return ("client_cert_invalid",
-                    f"client certificate refused: no CRL loaded for issuer \"{issuer}\" "
-                    f"(of \"{name_to_str(cert.subject)}\"); CRL checking fails closed")
-        if not _crl_signature_ok(server_tls, crl, issuer_cert):
-            return ("client_cert_invalid",
-                    f"client certificate refused: the CRL of \"{issuer}\" has a bad signature")
-        if crl.next_update_utc is not None and crl.next_update_utc.timestamp() < now:
-            return ("client_cert_invalid",
-                    f"client certificate refused: the CRL of \"{issuer}\" expired at "
-                    f"{crl.next_update_utc.isoformat()}")
-        if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-            return ("client_cert_revoked",
-                    f"client certificate revoked: \"{name_to_str(cert.subject)}\" serial "
-                    f"{cert.serial_number:x} is in the CRL of \"{issuer}\"")
-    return None

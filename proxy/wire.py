@@ -37,6 +37,8 @@ INVALID_AUTHORIZATION = "28000"
 TOO_MANY_CONNECTIONS = "53300"
 CONNECTION_FAILURE = "08006"
 FEATURE_NOT_SUPPORTED = "0A000"
+INVALID_PARAMETER_VALUE = "22023"
+ADMIN_SHUTDOWN = "57P01"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,34 @@ class StartupMessage:
     @property
     def application_name(self) -> str:
         return self.parameters.get("application_name", "")
+
+    @property
+    def replication(self) -> str | None:
+        """"physical" (a walsender for the whole cluster, whatever `database` says),
+        "logical" (replication=database: bound to its database), "" for a normal session,
+        None for a value PostgreSQL refuses (ProcessStartupPacket: "database" or parse_bool)."""
+        value = self.parameters.get("replication")
+        if value is None:
+            return ""
+        if value == "database":
+            return "logical"
+        flag = parse_bool(value)
+        if flag is None:
+            return None
+        return "physical" if flag else ""
+
+
+def parse_bool(value: str) -> bool | None:
+    """PostgreSQL's parse_bool (src/backend/utils/adt/bool.c): case-insensitive, any unique
+    prefix of true/false/yes/no, on/off (at least "of"), 1/0; None otherwise."""
+    text = value.lower()
+    if not text:
+        return None
+    if "true".startswith(text) or "yes".startswith(text) or text in ("on", "1"):
+        return True
+    if "false".startswith(text) or "no".startswith(text) or text in ("off", "of", "0"):
+        return False
+    return None
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ def test_crl_checking_fails_closed(start_proxy: Callable[..., Proxy], pki2: Pki)
     assert psql(proxy, pki2, "good").returncode == 0
     proc = psql(proxy, pki2, "chained")
     assert proc.returncode != 0
-    message = ('no CRL loaded for issuer "CN=Test Intermediate CA,O=dwsproxy" (of '
+    message = ('no usable CRL of issuer "CN=Test Intermediate CA,O=dwsproxy" (of '
                '"CN=postgres,O=dwsproxy"); CRL checking fails closed')
     assert message in proc.stderr
     assert message.replace('"', '\\"') in proxy.wait_log("outcome=client_cert_invalid")

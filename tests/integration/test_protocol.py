@@ -188,12 +188,18 @@ def test_direct_tls_with_libpq18(proxy: Proxy, pki: Path) -> None:
     assert "direct_tls=True" in proxy.wait_log("direct_tls=True")
 
 
-def test_direct_tls_without_alpn_refused(proxy: Proxy, pki: Path) -> None:
-    ctx = tls_client_context(pki)  # no ALPN offered
-    with ctx.wrap_socket(raw_connect(proxy.port), server_hostname="localhost") as tls:
-        tls.sendall(wire.build_startup_message({"user": "postgres"}))
-        fields = error_fields(*read_message(tls))
-        assert fields["C"] == "08P01" and "without ALPN" in fields["M"]
+@pytest.mark.parametrize("offer", [None, ["http/1.1"], ["http/1.1", "h2"]])
+def test_direct_tls_without_alpn_fails_the_handshake(proxy: Proxy, pki: Path,
+                                                     offer: list[str] | None) -> None:
+    """As PostgreSQL 17: no ALPN "postgresql" on direct TLS is a no_application_protocol
+    alert in the handshake, not a refusal after it."""
+    before = proxy.metric("dwsproxy_connections_rejected_total", reason="tls_handshake")
+    ctx = tls_client_context(pki)
+    if offer:
+        ctx.set_alpn_protocols(offer)
+    with pytest.raises(ssl.SSLError, match="no application protocol"):
+        ctx.wrap_socket(raw_connect(proxy.port), server_hostname="localhost")
+    proxy.wait_metric("dwsproxy_connections_rejected_total", before + 1, reason="tls_handshake")
 
 
 def test_direct_tls_with_alpn_works(proxy: Proxy, pki: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import certs, config
+from proxy import certs, config, loader
 from proxy.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,19 +34,19 @@ ssl_key_file = "certs/server.key"
 
 def load_error(tmp: Path, text: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        config.load(str(write(tmp, text)))
+        loader.load(str(write(tmp, text)))
     return info.value
 
 
 def test_minimal_config_loads_with_relative_paths(bundle: Path) -> None:
-    cfg = config.load(str(write(bundle, BASE)))
+    cfg = loader.load(str(write(bundle, BASE)))
     assert cfg.tls.ssl_cert_file == str(bundle / "certs" / "server.crt")
     assert cfg.server_tls is not None and cfg.listen.port == 6432 and cfg.rules == ()
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
-        config.load(str(tmp_path / "nope.toml"))
+        loader.load(str(tmp_path / "nope.toml"))
 
 
 def test_unknown_key(bundle: Path) -> None:
@@ -120,7 +120,7 @@ def test_encrypted_key_with_passphrase_file(bundle: Path) -> None:
     (bundle / "pass").write_text("s3cret pass\n")
     os.chmod(bundle / "pass", 0o600)
     base = ("[tls]\nssl_cert_file = 'enc.crt'\nssl_key_file = 'enc.key'\n")
-    assert config.load(str(write(bundle, base + "ssl_passphrase_file = 'pass'\n"))).server_tls
+    assert loader.load(str(write(bundle, base + "ssl_passphrase_file = 'pass'\n"))).server_tls
     (bundle / "wrong").write_text("nope\n")
     os.chmod(bundle / "wrong", 0o600)
     err = load_error(bundle, base + "ssl_passphrase_file = 'wrong'\n")
@@ -140,7 +140,7 @@ def test_crl_dir_reads_pem_and_der(bundle: Path) -> None:
     (crl_dir / "b.crl").write_bytes(
         certs.make_crl(other).public_bytes(serialization.Encoding.DER))
     (crl_dir / "README").write_text("ignored")
-    cfg = config.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
+    cfg = loader.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
                                 "ssl_crl_dir = 'crls'\nclientcert = 'verify-ca'\n")))
     assert sorted(c.issuer for c in cfg.server_tls.crls) == [
         "CN=dwsproxy root CA,O=dwsproxy", "CN=other root,O=dwsproxy"]
@@ -149,7 +149,7 @@ def test_crl_dir_reads_pem_and_der(bundle: Path) -> None:
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     text = (REPO / "config" / "dwsproxy.toml").read_text()
     certs.init(tmp_path / "certs")
-    cfg = config.load(str(write(tmp_path, text)))
+    cfg = loader.load(str(write(tmp_path, text)))
     assert cfg.rules[0].application_name == "gsql" and cfg.rules[0].ssl_protocols == ("TLSv1.2",)
 
 
@@ -196,7 +196,7 @@ def test_certs_cli_writes_private_keys_0600(tmp_path: Path) -> None:
 
 def test_default_paths_are_relative_to_the_config_file(bundle: Path, monkeypatch) -> None:
     monkeypatch.chdir("/")
-    cfg = config.load(str(write(bundle, "[listen]\nport = 7000\n")))  # default certs/server.*
+    cfg = loader.load(str(write(bundle, "[listen]\nport = 7000\n")))  # default certs/server.*
     assert cfg.tls.ssl_key_file == str(bundle / "certs" / "server.key")
 
 
@@ -231,7 +231,64 @@ def test_two_crls_of_one_issuer_give_one_gauge_fact(bundle: Path) -> None:
 
     (bundle / "crls.pem").write_bytes(b"".join(c.public_bytes(Encoding.PEM)
                                                for c in (newer, older)))
-    cfg = config.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
+    cfg = loader.load(str(write(bundle, BASE + "ssl_ca_file = 'certs/cacert.pem'\n"
                                 "ssl_crl_file = 'crls.pem'\nclientcert = 'verify-ca'\n")))
     assert len(cfg.server_tls.crls) == 1  # one series per issuer label
-    assert len(cfg.server_tls.crl_by_issuer) == 1
+    assert cfg.server_tls.crls[0].next_update == newer.next_update_utc.timestamp()
+
+
+def test_ipv4_mapped_rule_address_is_written_back_to_ipv4(bundle: Path) -> None:
+    import ipaddress
+
+    cfg = loader.load(str(write(bundle, BASE + "[[rules]]\naddress = '::ffff:10.1.0.0/112'\n"
+                                "action = 'reject'\n")))
+    assert cfg.rules[0].address == ipaddress.ip_network("10.1.0.0/16")
+    assert cfg.rules[0].matches(encrypted=True, user="u", database="d", application_name="",
+                                peer=ipaddress.ip_address("10.1.2.3"))
+    err = load_error(bundle, BASE + "[[rules]]\naddress = '::ffff:0:0/80'\naction = 'allow'\n")
+    assert err.key == "rules[1].address" and "IPv4-mapped" in str(err)
+
+
+def test_clientname_is_checked(bundle: Path) -> None:
+    err = load_error(bundle, BASE + "clientname = 'SAN-DNS'\n")
+    assert err.key == "tls.clientname"
+
+
+def kubelet_volume(folder: Path, files: dict[str, bytes], stamp: str) -> None:
+    """What kubelet does on every ConfigMap/Secret update: write a new timestamped folder,
+    swap the `..data` link atomically, delete the old folder; the visible names are links
+    `name -> ..data/name` made once."""
+    new = folder / f"..{stamp}"
+    new.mkdir()
+    for name, data in files.items():
+        (new / name).write_bytes(data)
+        os.chmod(new / name, 0o600)
+    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
+    os.symlink(new.name, folder / "..data_tmp")
+    os.replace(folder / "..data_tmp", folder / "..data")
+    for name in files:
+        if not (folder / name).is_symlink():
+            os.symlink(f"..data/{name}", folder / name)
+    if old:
+        import shutil
+
+        shutil.rmtree(folder / old)
+
+
+def test_paths_keep_the_kubelet_symlinks(bundle: Path) -> None:
+    """Nothing is resolved through `..data`: after the swap deletes the old folder, the same
+    configuration still loads and reads the new files."""
+    vol = bundle / "vol"
+    vol.mkdir()
+    certs_dir = bundle / "certs"
+    text = (BASE.replace("certs/", str(certs_dir) + "/")
+            + "ssl_ca_file = '" + str(certs_dir / "cacert.pem") + "'\n"
+            "ssl_crl_file = 'crl.pem'\nclientcert = 'verify-ca'\n")
+    crl = (certs_dir / "crl.pem").read_bytes()
+    kubelet_volume(vol, {"dwsproxy.toml": text.encode(), "crl.pem": crl}, "2026_12_02_1")
+    cfg = loader.load(str(vol / "dwsproxy.toml"))
+    assert cfg.path == str(vol / "dwsproxy.toml") and cfg.tls.ssl_crl_file == str(vol / "crl.pem")
+    kubelet_volume(vol, {"dwsproxy.toml": text.replace("verify-ca", "optional").encode(),
+                         "crl.pem": crl}, "2026_12_02_2")
+    again = loader.load(cfg.path)
+    assert again.tls.clientcert == "optional"

@@ -76,7 +76,8 @@ def test_direct_tls_without_alpn_is_refused() -> None:
     ("verify-ca", None, "alice", "client_cert_missing"),
     ("verify-ca", ALICE, "postgres", None),
     ("verify-full", ALICE, "alice", None),
-    ("verify-full", ALICE, "alice.example", None),
+    # a SAN (often a host name) is not a role name unless clientname = "SAN"
+    ("verify-full", ALICE, "alice.example", "client_cert_invalid"),
     ("verify-full", ALICE, "postgres", "client_cert_invalid"),
     ("optional", None, "alice", None),
     ("none", None, "alice", None),
@@ -161,3 +162,67 @@ def test_ipv6_peer_never_matches_ipv4_rule() -> None:
     rules = (Rule(index=1, address=ipaddress.ip_network("127.0.0.0/8"), action="allow"),)
     decision = policy.decide(TlsConfig(), rules, facts(peer=ipaddress.ip_address("::1")))
     assert isinstance(decision, policy.Reject)
+
+
+# -- clientname (PostgreSQL's hba option): CN by default, DN, SAN only when asked ------------
+# CN=alice with a SAN naming another role: the SAN must not log in as that role by default.
+MALLORY = CertFacts(subject="CN=alice,O=dwsproxy", common_name="alice", sans=("postgres",),
+                    issuer="CN=root", serial=2, not_after=0.0)
+
+
+@pytest.mark.parametrize("clientname,user,allowed", [
+    ("CN", "postgres", False), ("CN", "alice", True),
+    ("DN", "CN=alice,O=dwsproxy", True), ("DN", "alice", False),
+    ("SAN", "postgres", True), ("SAN", "alice", False),
+])
+def test_verify_full_matches_the_name_clientname_chooses(clientname: str, user: str,
+                                                         allowed: bool) -> None:
+    facts = policy.Facts(encrypted=True, tls_version="TLSv1.3", client_cert=MALLORY, user=user)
+    decision = policy.decide(TlsConfig(clientcert="verify-full", clientname=clientname), (),
+                             facts)
+    assert isinstance(decision, policy.Allow) is allowed
+    if not allowed:
+        assert f"clientname={clientname}" in decision.message
+
+
+# -- physical replication is the pseudo-database "replication", as in pg_hba ---------------
+APP_ONLY = (Rule(index=1, database="app", action="allow"),)
+WITH_REPLICATION = (*APP_ONLY, Rule(index=2, database="replication", action="allow"))
+
+
+def test_physical_replication_does_not_match_a_database_rule() -> None:
+    decision = policy.decide(TlsConfig(), APP_ONLY, facts(database="app", replication=True))
+    assert isinstance(decision, policy.Reject) and decision.reason == "rule"
+    assert "replication connection" in decision.message
+
+
+def test_physical_replication_matches_only_the_replication_keyword() -> None:
+    decision = policy.decide(TlsConfig(), WITH_REPLICATION,
+                             facts(database="app", replication=True))
+    assert decision == policy.Allow(2)
+    star = (Rule(index=1, database="*", action="allow"),)  # pg_hba's "all" excludes it too
+    assert isinstance(policy.decide(TlsConfig(), star, facts(replication=True)), policy.Reject)
+    # a normal session to a database named "replication" is not a replication connection
+    assert isinstance(policy.decide(TlsConfig(), WITH_REPLICATION[1:],
+                                    facts(database="replication")), policy.Reject)
+
+
+# -- CancelRequest: address rules, ALPN and a refused certificate --------------------------
+def test_cancel_follows_address_rules() -> None:
+    rules = (Rule(index=1, address=ipaddress.ip_network("10.0.0.0/8"), action="reject"),
+             Rule(index=2, user="bob", action="reject"),  # cannot judge a cancel: skipped
+             Rule(index=3, address=ipaddress.ip_network("127.0.0.0/8"), action="allow"))
+    at = ipaddress.ip_address
+    assert isinstance(policy.decide_cancel(rules, facts(peer=at("10.1.2.3"))), policy.Reject)
+    assert policy.decide_cancel(rules, facts(peer=at("127.0.0.1"))) == policy.Allow(3)
+    nothing = policy.decide_cancel(rules, facts(peer=at("192.0.2.1")))
+    assert isinstance(nothing, policy.Reject) and "no rule allows" in nothing.message
+    assert policy.decide_cancel((), facts(peer=at("192.0.2.1"))) == policy.Allow()
+
+
+def test_cancel_over_direct_tls_needs_alpn_and_a_good_certificate() -> None:
+    assert isinstance(policy.decide_cancel((), facts(direct_tls=True, alpn=None)), policy.Reject)
+    assert policy.decide_cancel((), facts(direct_tls=True, alpn="postgresql")) == policy.Allow()
+    revoked = facts(client_cert_error=("client_cert_revoked", "revoked"))
+    assert policy.decide_cancel((), revoked) == policy.Reject(
+        "client_cert_revoked", "28000", "revoked")

@@ -16,7 +16,7 @@ import pytest
 
 from proxy import certs, relay, wire
 from proxy.config import TlsConfig
-from proxy.tls import build_server_tls
+from proxy.loader import server_tls as build_server_tls
 
 
 @pytest.fixture()

@@ -128,3 +128,16 @@ def test_startup_round_trip(params: dict[str, str]) -> None:
         assert isinstance(event, wire.ProtocolViolation)
     elif params.get("user"):
         assert isinstance(event, wire.StartupMessage) and event.parameters == params
+
+
+@pytest.mark.parametrize("value,kind", [
+    ("true", "physical"), ("ON", "physical"), ("1", "physical"), ("y", "physical"),
+    ("tr", "physical"), ("yes", "physical"), ("database", "logical"), ("false", ""),
+    ("off", ""), ("of", ""), ("0", ""), ("n", ""), ("o", None), ("", None), (" true", None),
+    ("2", None), ("Database", None),
+])
+def test_replication_parameter_as_postgresql_reads_it(value: str, kind: str | None) -> None:
+    packet = wire.build_startup_message({"user": "u", "database": "app", "replication": value})
+    event, _ = wire.parse_startup_packet(packet)
+    assert isinstance(event, wire.StartupMessage)
+    assert event.replication == kind
