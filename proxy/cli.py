@@ -42,10 +42,21 @@ class KeyValueFormatter(logging.Formatter):
 _NEEDS_QUOTES = re.compile(r'[^\x21\x23-\x3c\x3e-\x7e]')
 
 
+# Values in log lines come from clients (user, database, application_name, certificate
+# subjects): one connection must not be able to write a 10 kB line.
+MAX_FIELD = 256
+
+
+def _cut(value: object) -> object:
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return f"{value[:MAX_FIELD]}...({len(value) - MAX_FIELD} more)"
+    return value
+
+
 def _kv(value: object) -> str:
     if isinstance(value, (int, float)):  # bool included: numbers never need quotes
         return str(value)
-    text = str(value)
+    text = str(_cut(value))
     if text == "" or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
@@ -59,7 +70,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update(getattr(record, "fields", {}))
+        doc.update({k: _cut(v) for k, v in getattr(record, "fields", {}).items()})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)

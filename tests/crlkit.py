@@ -69,9 +69,10 @@ def _der(tag: int, content: bytes) -> bytes:
     return bytes([tag, 0x80 | len(size)]) + size + content
 
 
-def without_next_update(ca: CA, serials: list[int] = ()) -> bytes:  # type: ignore[assignment]
+def without_next_update(ca: CA, serials: list[int] = (),  # type: ignore[assignment]
+                        this_update: dt.datetime | None = None) -> bytes:
     """PEM of a CRL whose TBSCertList has no nextUpdate, signed by `ca` (ECDSA)."""
-    der = make_crl(ca, serials).public_bytes(Encoding.DER)
+    der = make_crl(ca, serials, this_update=this_update).public_bytes(Encoding.DER)
     _, body, _ = _tlv(der, 0)  # CertificateList
     _, tbs_start, tbs_end = _tlv(der, body)
     tbs_elem_start = body

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import certs, config, loader
+from proxy import certs, loader
 from proxy.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

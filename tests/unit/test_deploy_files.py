@@ -42,7 +42,8 @@ CONTRACT_KEYS: dict[str, set[str]] = {
     "backend": {"host", "port", "connect_timeout", "sslmode", "sslrootcert", "sslcert", "sslkey"},
     "tls": {
         "ssl", "require_ssl", "ssl_cert_file", "ssl_key_file", "ssl_passphrase_file",
-        "ssl_ca_file", "ssl_crl_file", "ssl_crl_dir", "clientcert", "ssl_min_protocol_version",
+        "ssl_ca_file", "ssl_crl_file", "ssl_crl_dir", "clientcert", "clientname",
+        "ssl_min_protocol_version",
         "ssl_max_protocol_version", "ssl_ciphers", "direct_ssl",
     },
     "rules": {

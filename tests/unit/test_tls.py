@@ -6,10 +6,10 @@ import datetime as dt
 import ssl
 from pathlib import Path
 
+import crlkit
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-import crlkit
 from proxy import certs, loader, tls
 from proxy.config import ConfigError, TlsConfig
 
@@ -107,7 +107,7 @@ def test_forged_crl_signature(setup: dict) -> None:
     st = server_tls(setup, [certs.make_crl(impostor)])
     ctx, _ = client_ctx(setup, setup["root"])
     server, _ = handshake(st.context, ctx)
-    reason, message = check(st, server)
+    reason, _ = check(st, server)
     assert reason == "client_cert_invalid"
 
 
