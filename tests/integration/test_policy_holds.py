@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import crlkit
+import kubelet
 import pytest
 from conftest import REPO, Proxy, clean_env, raw_connect, run_psql, tls_client_context, toml_value
 from cryptography import x509
@@ -162,24 +163,6 @@ def test_crl_dir_of_der_files_is_read(start_proxy: Callable[..., Proxy], pki3: P
 
 
 # -- 2. reload through a kubelet volume --------------------------------------------------------
-def kubelet_update(folder: Path, files: dict[str, bytes], stamp: str) -> None:
-    """kubelet's atomic update: a new ..<timestamp> folder, `..data` swapped to it, the old one
-    deleted; the visible names are links to ..data/<name>."""
-    new = folder / f"..{stamp}"
-    new.mkdir()
-    for name, data in files.items():
-        (new / name).write_bytes(data)
-        os.chmod(new / name, 0o600)
-    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
-    os.symlink(new.name, folder / "..data_tmp")
-    os.replace(folder / "..data_tmp", folder / "..data")
-    for name in files:
-        if not (folder / name).is_symlink():
-            os.symlink(f"..data/{name}", folder / name)
-    if old:
-        shutil.rmtree(folder / old)
-
-
 class RunningProxy(Proxy):
     """A proxy on a config file we wrote ourselves (Proxy writes its own)."""
 
@@ -224,7 +207,7 @@ def test_reload_through_a_kubelet_volume_swap(pg: TempPostgres, pki3: Pki, workd
     port, metrics_port = free_port(), free_port()
     tls = pki3.tls(require_ssl=False, clientcert="optional", ssl_crl_file="crl.pem")
     empty = pki3.crl_pem(crlkit.make_crl(pki3.root, []))
-    kubelet_update(vol, {"dwsproxy.toml": toml_text(proxy_sections(pg.port, port, metrics_port,
+    kubelet.update(vol, {"dwsproxy.toml": toml_text(proxy_sections(pg.port, port, metrics_port,
                                                                    tls)),
                          "crl.pem": empty}, "2026_12_02_10_00_00.1")
     proxy = RunningProxy(vol / "dwsproxy.toml", port, metrics_port, workdir)
@@ -236,7 +219,7 @@ def test_reload_through_a_kubelet_volume_swap(pg: TempPostgres, pki3: Pki, workd
         revoking = pki3.crl_pem(crlkit.make_crl(pki3.root, [pki3.serial["revoked"]],
                                                 number=step))
         tls = pki3.tls(require_ssl=True, clientcert="optional", ssl_crl_file="crl.pem")
-        kubelet_update(vol, {"dwsproxy.toml": toml_text(proxy_sections(pg.port, port,
+        kubelet.update(vol, {"dwsproxy.toml": toml_text(proxy_sections(pg.port, port,
                                                                        metrics_port, tls)),
                              "crl.pem": revoking}, f"2026_12_02_10_0{step}_00.1")
         proxy.signal(signal.SIGHUP)

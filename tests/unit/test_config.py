@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kubelet
 import pytest
 
 from proxy import certs, loader
@@ -254,27 +255,6 @@ def test_clientname_is_checked(bundle: Path) -> None:
     assert err.key == "tls.clientname"
 
 
-def kubelet_volume(folder: Path, files: dict[str, bytes], stamp: str) -> None:
-    """What kubelet does on every ConfigMap/Secret update: write a new timestamped folder,
-    swap the `..data` link atomically, delete the old folder; the visible names are links
-    `name -> ..data/name` made once."""
-    new = folder / f"..{stamp}"
-    new.mkdir()
-    for name, data in files.items():
-        (new / name).write_bytes(data)
-        os.chmod(new / name, 0o600)
-    old = os.readlink(folder / "..data") if (folder / "..data").is_symlink() else None
-    os.symlink(new.name, folder / "..data_tmp")
-    os.replace(folder / "..data_tmp", folder / "..data")
-    for name in files:
-        if not (folder / name).is_symlink():
-            os.symlink(f"..data/{name}", folder / name)
-    if old:
-        import shutil
-
-        shutil.rmtree(folder / old)
-
-
 def test_paths_keep_the_kubelet_symlinks(bundle: Path) -> None:
     """Nothing is resolved through `..data`: after the swap deletes the old folder, the same
     configuration still loads and reads the new files."""
@@ -285,10 +265,10 @@ def test_paths_keep_the_kubelet_symlinks(bundle: Path) -> None:
             + "ssl_ca_file = '" + str(certs_dir / "cacert.pem") + "'\n"
             "ssl_crl_file = 'crl.pem'\nclientcert = 'verify-ca'\n")
     crl = (certs_dir / "crl.pem").read_bytes()
-    kubelet_volume(vol, {"dwsproxy.toml": text.encode(), "crl.pem": crl}, "2026_12_02_1")
+    kubelet.update(vol, {"dwsproxy.toml": text.encode(), "crl.pem": crl}, "2026_12_02_1")
     cfg = loader.load(str(vol / "dwsproxy.toml"))
     assert cfg.path == str(vol / "dwsproxy.toml") and cfg.tls.ssl_crl_file == str(vol / "crl.pem")
-    kubelet_volume(vol, {"dwsproxy.toml": text.replace("verify-ca", "optional").encode(),
+    kubelet.update(vol, {"dwsproxy.toml": text.replace("verify-ca", "optional").encode(),
                          "crl.pem": crl}, "2026_12_02_2")
     again = loader.load(cfg.path)
     assert again.tls.clientcert == "optional"
