@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
-    from .tls import ServerTls
+    from .tls import BackendTls, ServerTls
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
@@ -58,10 +58,18 @@ class BackendConfig:
     host: str = "127.0.0.1"
     port: int = 5432
     connect_timeout: float = 5.0
+    # proxy -> backend TLS, with libpq's meanings (verify-ca is what GaussDB(DWS) supports)
     sslmode: str = "disable"
     sslrootcert: str = ""
+    sslcrl: str = ""
     sslcert: str = ""
     sslkey: str = ""
+    sslpassword_file: str = ""
+    sslkey_cipher_file: str = ""
+    sslkey_rand_file: str = ""
+    sslsni: bool = True
+    ssl_min_protocol_version: str = "TLSv1.2"
+    sslnegotiation: str = "postgres"
 
     @property
     def address(self) -> str:
@@ -75,6 +83,8 @@ class TlsConfig:
     ssl_cert_file: str = "certs/server.crt"
     ssl_key_file: str = "certs/server.key"
     ssl_passphrase_file: str = ""
+    ssl_key_cipher_file: str = ""
+    ssl_key_rand_file: str = ""
     ssl_ca_file: str = ""
     ssl_crl_file: str = ""
     ssl_crl_dir: str = ""
@@ -153,6 +163,8 @@ class Config:
     metrics: MetricsConfig
     # Filled in by loader.py: None when ssl is off.
     server_tls: ServerTls | None = field(default=None, compare=False)
+    # Filled in by loader.py: None when backend.sslmode is disable.
+    backend_tls: BackendTls | None = field(default=None, compare=False)
     # The text and files this configuration was built from (loader.py).
     snapshot: Snapshot | None = field(default=None, compare=False, repr=False)
 
@@ -236,8 +248,15 @@ _BACKEND = {
     "connect_timeout": _as_seconds(False),
     "sslmode": _one_of(BACKEND_SSLMODES),
     "sslrootcert": _as_str,
+    "sslcrl": _as_str,
     "sslcert": _as_str,
     "sslkey": _as_str,
+    "sslpassword_file": _as_str,
+    "sslkey_cipher_file": _as_str,
+    "sslkey_rand_file": _as_str,
+    "sslsni": _as_bool,
+    "ssl_min_protocol_version": _one_of(TLS_VERSIONS),
+    "sslnegotiation": _one_of(("postgres", "direct")),
 }
 _TLS = {
     "ssl": _as_bool,
@@ -245,6 +264,8 @@ _TLS = {
     "ssl_cert_file": _as_str,
     "ssl_key_file": _as_str,
     "ssl_passphrase_file": _as_str,
+    "ssl_key_cipher_file": _as_str,
+    "ssl_key_rand_file": _as_str,
     "ssl_ca_file": _as_str,
     "ssl_crl_file": _as_str,
     "ssl_crl_dir": _as_str,
@@ -257,11 +278,14 @@ _TLS = {
 }
 _METRICS = {"host": _as_str, "port": _port}
 _PATH_KEYS = {
-    "backend": ("sslrootcert", "sslcert", "sslkey"),
+    "backend": ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
+                "sslkey_cipher_file", "sslkey_rand_file"),
     "tls": (
         "ssl_cert_file",
         "ssl_key_file",
         "ssl_passphrase_file",
+        "ssl_key_cipher_file",
+        "ssl_key_rand_file",
         "ssl_ca_file",
         "ssl_crl_file",
         "ssl_crl_dir",
@@ -360,21 +384,22 @@ def parse(text: str, path: str) -> Config:
         raise ConfigError("rules", "expected an array of tables ([[rules]])")
     rules = tuple(_rule(i, r) for i, r in enumerate(raw_rules, start=1))
 
-    if backend.sslmode != "disable":
-        raise ConfigError(
-            "backend.sslmode",
-            f"{backend.sslmode!r} is not supported yet: the proxy talks to the backend in "
-            "plaintext over a trusted link (use \"disable\")",
-        )
+    _check_backend(backend)
     if tls.ssl_max_protocol_version and TLS_VERSIONS.index(
         tls.ssl_max_protocol_version
     ) < TLS_VERSIONS.index(tls.ssl_min_protocol_version):
         raise ConfigError("tls.ssl_max_protocol_version",
                           "is lower than tls.ssl_min_protocol_version")
-    for key in ("sslrootcert", "sslcert", "sslkey"):
-        if getattr(backend, key):
-            raise ConfigError(f"backend.{key}", "backend TLS is not supported yet (see "
-                              "backend.sslmode): leave it empty")
+    for prefix, pair in (("tls.", ("ssl_key_cipher_file", "ssl_key_rand_file")),
+                         ("backend.", ("sslkey_cipher_file", "sslkey_rand_file"))):
+        section = tls if prefix == "tls." else backend
+        given = [k for k in pair if getattr(section, k)]
+        if len(given) == 1:
+            raise ConfigError(prefix + given[0], f"needs {prefix}{(set(pair) - set(given)).pop()}"
+                              " too: the .cipher and .rand files go together")
+    if tls.ssl_passphrase_file and tls.ssl_key_cipher_file:
+        raise ConfigError("tls.ssl_key_cipher_file", "give either tls.ssl_passphrase_file or "
+                          "the .cipher/.rand pair, not both")
     # require_ssl without ssl is accepted: the seed says it only has effect when ssl is on.
     cfg = Config(path=path, listen=listen, backend=backend, tls=tls,
                  rules=rules, metrics=metrics)
@@ -392,6 +417,38 @@ def parse(text: str, path: str) -> Config:
                 raise ConfigError(f"rules[{rule.index}].ssl_protocols",
                                   f"{proto} is outside tls.ssl_min/max_protocol_version")
     return cfg
+
+
+def _check_backend(b: BackendConfig) -> None:
+    """libpq's rules for the proxy's own connection to the backend."""
+    if b.sslmode == "disable":
+        for key in ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
+                    "sslkey_cipher_file", "sslkey_rand_file"):
+            if getattr(b, key):
+                raise ConfigError(f"backend.{key}", "has no effect with backend.sslmode = "
+                                  "\"disable\": remove it or choose an sslmode")
+        if b.sslnegotiation == "direct":
+            raise ConfigError("backend.sslnegotiation", "direct needs backend.sslmode require, "
+                              "verify-ca or verify-full")
+        return
+    if b.sslmode in ("verify-ca", "verify-full") and not b.sslrootcert:
+        raise ConfigError("backend.sslrootcert", f"is required by backend.sslmode = "
+                          f"\"{b.sslmode}\" (the CA that signed the database's certificate)")
+    if b.sslnegotiation == "direct" and b.sslmode == "prefer":
+        # libpq: a direct TLS connection has no plaintext to fall back to
+        raise ConfigError("backend.sslnegotiation", "direct cannot be used with sslmode = "
+                          "\"prefer\" (use require, verify-ca or verify-full)")
+    if b.sslcrl and not b.sslrootcert:
+        raise ConfigError("backend.sslcrl", "needs backend.sslrootcert: a CRL is checked "
+                          "against a verified chain")
+    if bool(b.sslcert) != bool(b.sslkey):
+        raise ConfigError("backend.sslkey" if b.sslcert else "backend.sslcert",
+                          "backend.sslcert and backend.sslkey go together")
+    if b.sslpassword_file and b.sslkey_cipher_file:
+        raise ConfigError("backend.sslkey_cipher_file", "give either backend.sslpassword_file "
+                          "or the .cipher/.rand pair, not both")
+    if (b.sslpassword_file or b.sslkey_cipher_file) and not b.sslkey:
+        raise ConfigError("backend.sslkey", "a key passphrase was given but no backend.sslkey")
 
 
 def _enabled_versions(tls: TlsConfig) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ so both run the same bytes. Must not do network I/O.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from . import config, snapshot, tls
 from .config import Config
@@ -19,7 +20,35 @@ def read(path: str) -> snapshot.Snapshot:
     cfg = config.parse(text, path)
     reader = snapshot.Reader(cfg.path, text)
     _read_tls_files(reader, cfg.tls)
+    _read_backend_files(reader, cfg.backend)
     return reader.snapshot()
+
+
+def _read_pair(reader: snapshot.Reader, pair: tuple[str, str], keys: tuple[str, str],
+               explicit: bool) -> None:
+    if explicit:
+        reader.file(pair[0], keys[0], secret=True)
+        reader.file(pair[1], keys[1], secret=True)
+    elif os.path.lexists(pair[0]) and os.path.lexists(pair[1]):  # both, or not used
+        reader.optional(pair[0], keys[0], secret=True)
+        reader.optional(pair[1], keys[1], secret=True)
+
+
+def _read_backend_files(reader: snapshot.Reader, b: config.BackendConfig) -> None:
+    if b.sslmode == "disable":
+        return
+    for key in ("sslrootcert", "sslcrl", "sslcert"):
+        if getattr(b, key):
+            reader.file(getattr(b, key), f"backend.{key}")
+    if b.sslkey:
+        reader.file(b.sslkey, "backend.sslkey", secret=True)
+    if b.sslpassword_file:
+        reader.file(b.sslpassword_file, "backend.sslpassword_file", secret=True)
+    if b.sslcert and not b.sslpassword_file:
+        _read_pair(reader, tls.key_pair(b.sslkey_cipher_file, b.sslkey_rand_file, b.sslcert,
+                                    "client"),
+                   ("backend.sslkey_cipher_file", "backend.sslkey_rand_file"),
+                   explicit=bool(b.sslkey_cipher_file))
 
 
 def _read_tls_files(reader: snapshot.Reader, t: config.TlsConfig) -> None:
@@ -28,6 +57,11 @@ def _read_tls_files(reader: snapshot.Reader, t: config.TlsConfig) -> None:
         reader.file(t.ssl_key_file, "tls.ssl_key_file", secret=True)
         if t.ssl_passphrase_file:
             reader.file(t.ssl_passphrase_file, "tls.ssl_passphrase_file", secret=True)
+        else:
+            _read_pair(reader, tls.key_pair(t.ssl_key_cipher_file, t.ssl_key_rand_file,
+                                        t.ssl_key_file, "server"),
+                       ("tls.ssl_key_cipher_file", "tls.ssl_key_rand_file"),
+                       explicit=bool(t.ssl_key_cipher_file))
         if t.ssl_ca_file:
             reader.file(t.ssl_ca_file, "tls.ssl_ca_file")
         if t.ssl_crl_file:
@@ -41,7 +75,10 @@ def build(snap: snapshot.Snapshot) -> Config:
     cfg = config.parse(snap.text, snap.path)
     server_tls = (tls.build_server_tls(cfg.tls, snap, cert_requested=cfg.cert_requested)
                   if cfg.tls.ssl else None)
-    return dataclasses.replace(cfg, server_tls=server_tls, snapshot=snap)
+    backend_tls = (tls.build_backend_tls(cfg.backend, snap)
+                   if cfg.backend.sslmode != "disable" else None)
+    return dataclasses.replace(cfg, server_tls=server_tls, backend_tls=backend_tls,
+                               snapshot=snap)
 
 
 def load(path: str) -> Config:

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,6 +29,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+if TYPE_CHECKING:
+    from .config import Config
+    from .tls import BackendTls, ServerTls
+
 log = logging.getLogger("dwsproxy.metrics")
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -37,11 +41,14 @@ REJECT_REASONS = (
     "ssl_required", "ssl_disabled", "client_cert_missing", "client_cert_invalid",
     "client_cert_revoked", "tls_version", "tls_handshake", "rule", "bad_startup",
     "startup_timeout", "too_many_connections", "backend_unavailable",
+    # SCRAM-SHA-256-PLUS chosen while the proxy's certificate is not the database's
+    "channel_binding",
 )
+BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake")
 
 CONNECTIONS = Counter(
     "dwsproxy_connections_total", "Sessions handed to the backend.",
-    ["encryption", "tls_version", "client_cert"])
+    ["encryption", "tls_version", "client_cert", "backend_encryption"])
 REJECTED = Counter(
     "dwsproxy_connections_rejected_total", "Connections refused or closed before the backend.",
     ["reason"])
@@ -57,6 +64,9 @@ BACKEND_CONNECT_SECONDS = Histogram(
     "dwsproxy_backend_connect_seconds", "TCP connect to the backend.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 BYTES = Counter("dwsproxy_bytes_total", "Bytes relayed.", ["direction"])
+BACKEND_TLS_FAILURES = Counter(
+    "dwsproxy_backend_tls_failures_total", "Connections to the backend that failed in TLS.",
+    ["reason"])
 CANCELS = Counter("dwsproxy_cancel_requests_total", "CancelRequest packets, by what was done.",
                   ["result"])
 TERMINATED = Counter(
@@ -72,7 +82,8 @@ class _TlsFacts:
     disappears with it (multiprocess gauges cannot drop a label set)."""
 
     def __init__(self) -> None:
-        self.server_tls: Any = None
+        self.server_tls: ServerTls | None = None
+        self.backend_tls: BackendTls | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         expiry = GaugeMetricFamily(
@@ -90,6 +101,13 @@ class _TlsFacts:
             for crl in st.crls:
                 if crl.next_update is not None:
                     crl_next.add_metric([crl.issuer], crl.next_update)
+        bt = self.backend_tls
+        if bt is not None:
+            for ca in bt.ca_certs:
+                expiry.add_metric(["backend_ca", ca.subject], ca.not_after)
+            if bt.client_cert is not None:
+                expiry.add_metric(["backend_client", bt.client_cert.subject],
+                                  bt.client_cert.not_after)
         yield expiry
         yield crl_next
 
@@ -112,16 +130,24 @@ _BYTES_C2B = BYTES.labels("client_to_backend")
 _BYTES_B2C = BYTES.labels("backend_to_client")
 
 
-_CONNECTION_SERIES: dict[tuple[str, str, bool], Any] = {}
+_CONNECTION_SERIES: dict[tuple[str, str, bool, bool], Any] = {}
+_BACKEND_TLS_SERIES = {reason: BACKEND_TLS_FAILURES.labels(reason)
+                       for reason in BACKEND_TLS_REASONS}
 
 
-def accepted(encryption: str, tls_version: str, client_cert: bool) -> None:
-    key = (encryption, tls_version, client_cert)
+def accepted(encryption: str, tls_version: str, client_cert: bool,
+             backend_encrypted: bool = False) -> None:
+    key = (encryption, tls_version, client_cert, backend_encrypted)
     series = _CONNECTION_SERIES.get(key)
     if series is None:
         series = _CONNECTION_SERIES[key] = CONNECTIONS.labels(
-            encryption, tls_version, "verified" if client_cert else "none")
+            encryption, tls_version, "verified" if client_cert else "none",
+            "tls" if backend_encrypted else "plain")
     series.inc()
+
+
+def backend_tls_failed(reason: str) -> None:
+    _BACKEND_TLS_SERIES[reason].inc()
 
 
 def rejected(reason: str) -> None:
@@ -157,9 +183,10 @@ def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
         _BYTES_B2C.inc(backend_to_client)
 
 
-def config_loaded(server_tls: object | None, *, reload: bool) -> None:
+def config_loaded(cfg: Config, *, reload: bool) -> None:
     """Point the certificate/CRL gauges at a newly loaded config; count a reload."""
-    TLS_FACTS.server_tls = server_tls
+    TLS_FACTS.server_tls = cfg.server_tls
+    TLS_FACTS.backend_tls = cfg.backend_tls
     if reload:
         RELOADS.labels("success").inc()
     LAST_RELOAD_SUCCESS.set(time.time())

@@ -20,6 +20,8 @@ from . import wire
 # While negotiating, a client may legitimately have sent at most one start-up packet (10000
 # bytes); anything past this is buffered no further: reading pauses until the session decides.
 STARTUP_BUFFER_LIMIT = 64 * 1024
+# Messages read by the session before link() (authentication requests and answers) are small.
+MAX_PRELINK_MESSAGE = STARTUP_BUFFER_LIMIT
 # Write buffer high-water mark per transport: bounds memory per session at roughly 2× this.
 WRITE_HIGH_WATER = 256 * 1024
 # A graceful close flushes what is queued; a peer that never reads must not hold the session
@@ -112,6 +114,32 @@ class Endpoint(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    async def wait_for_bytes(self, n: int) -> bool:
+        """Until the buffer holds `n` bytes (True) or the peer closed first (False)."""
+        while len(self.buffer) < n:
+            if self.eof:
+                return False
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return True
+
+    async def read_message(self) -> tuple[bytes, bytes] | None:
+        """One regular protocol message (type byte, body) from the buffer, before link();
+        None when the peer closed first or the length is absurd."""
+        if not await self.wait_for_bytes(5):
+            return None
+        length = int.from_bytes(self.buffer[1:5], "big")
+        if length < 4 or length > MAX_PRELINK_MESSAGE:
+            return None
+        if not await self.wait_for_bytes(1 + length):
+            return None
+        kind, body = bytes(self.buffer[:1]), bytes(self.buffer[5:1 + length])
+        del self.buffer[:1 + length]
+        return kind, body
 
     async def read_packet(self) -> wire.Event | None:
         """The next start-up packet from the buffer; None when the peer closed first."""

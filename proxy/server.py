@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import backend as backend_mod
 from . import config as config_mod
 from . import loader, metrics
 from . import workers as workers_mod
@@ -159,6 +160,8 @@ class Listener:
 
 
 class BackendHealth:
+    """Connects to the backend every HEALTH_INTERVAL as a session would, TLS included."""
+
     def __init__(self) -> None:
         self.ok = False
         self.checked = False
@@ -167,14 +170,11 @@ class BackendHealth:
         while True:
             cfg = get_config()
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(cfg.backend.host, cfg.backend.port),
-                    cfg.backend.connect_timeout)
-                writer.close()
+                await backend_mod.probe(cfg.backend, cfg.backend_tls)
                 self.ok = True
-            except (OSError, TimeoutError):
+            except backend_mod.BackendError as exc:
                 if self.ok or not self.checked:
-                    log.warning("backend %s does not answer a TCP connect", cfg.backend.address)
+                    log.warning("backend %s does not answer: %s", cfg.backend.address, exc)
                 self.ok = False
             self.checked = True
             await asyncio.sleep(HEALTH_INTERVAL)
@@ -248,7 +248,7 @@ def _reload(state: ServerState) -> Config | None:
     if (new.listen.host, new.listen.port, new.listen.workers, new.metrics) != (
             old.listen.host, old.listen.port, old.listen.workers, old.metrics):
         log.warning("listen.host/port/workers and [metrics] changes take effect on restart only")
-    metrics.config_loaded(new.server_tls, reload=True)
+    metrics.config_loaded(new, reload=True)
     _apply(state, new)
     return new
 
@@ -327,7 +327,7 @@ async def serve(cfg: Config, *, worker: bool = False,
             listener.close()
             return 1
         background.append(loop.create_task(health.run(lambda: state.config)))
-        metrics.config_loaded(cfg.server_tls, reload=False)
+        metrics.config_loaded(cfg, reload=False)
         if cfg.listen.workers > 1:
             def in_force() -> Snapshot:
                 assert state.config.snapshot is not None

@@ -26,6 +26,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import backend as backend_mod
 from . import metrics, policy, tls, wire
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
@@ -62,6 +63,7 @@ class Session:
         self.peer_chain: tuple[bytes, tuple[bytes, ...]] | None = None
         self.cert_error: tuple[str, str] | None = None
         self.facts: policy.Facts | None = None  # what the policy allowed, for reload rechecks
+        self.backend_encrypted = False
         self.terminating: bytes | None = None  # the FATAL a reload ends this session with
         self._terminate_deadline = 0.0
         self.outcome = "closed"
@@ -367,59 +369,112 @@ class Session:
 
     async def _forward_cancel(self, raw: bytes) -> None:
         # Sessions are relayed 1:1, so the backend's own BackendKeyData reached the client and
-        # the key in this request is the backend's: pass it on unchanged.
+        # the key in this request is the backend's: pass it on unchanged, over the same TLS
+        # settings as the sessions.
         metrics.cancel_request("forwarded")
         self.outcome = "cancel_forwarded"
-        backend = self.cfg.backend
+        cfg = self.cfg.backend
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(backend.host, backend.port), backend.connect_timeout)
-        except (OSError, TimeoutError) as exc:
+            await backend_mod.send_cancel(cfg, self.cfg.backend_tls, raw)
+        except backend_mod.BackendError as exc:
             self.outcome = "cancel_failed"
-            self.detail = f"backend {backend.address} unreachable: {exc!r}"
-            return
-        writer.write(raw)
-        try:
-            await writer.drain()
-        finally:
-            writer.close()
+            self.detail = f"backend {cfg.address}: {exc}"
 
     # -- backend and relay ----------------------------------------------------------------------
     async def _connect_and_relay(self) -> None:
         assert self.client is not None and self.startup is not None
-        backend_cfg = self.cfg.backend
+        cfg = self.cfg.backend
         t0 = time.perf_counter()
+        backend = ToTlsEndpoint() if self.encrypted else Endpoint()
         try:
-            backend = ToTlsEndpoint() if self.encrypted else Endpoint()
-            async with asyncio.timeout(backend_cfg.connect_timeout):
-                await self.loop.create_connection(lambda: backend, backend_cfg.host,
-                                                  backend_cfg.port)
-            self.backend = backend
-        except (OSError, TimeoutError) as exc:
-            why = "timeout" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
+            async with asyncio.timeout(cfg.connect_timeout):
+                connected = await backend_mod.connect(cfg, self.cfg.backend_tls, backend)
+        except (backend_mod.BackendError, TimeoutError) as exc:
+            if backend.transport is not None:
+                backend.transport.abort()
+            reason = exc.tls_reason if isinstance(exc, backend_mod.BackendError) else ""
+            if reason:
+                metrics.backend_tls_failed(reason)
             self._refuse(
                 "backend_unavailable", wire.CONNECTION_FAILURE,
-                f"could not connect to the database server at {backend_cfg.address}: {why}",
-                hint="the proxy is up but its backend is not; check the database server")
+                f"could not connect to the database server at {cfg.address}: "
+                f"{exc if isinstance(exc, backend_mod.BackendError) else 'timeout'}",
+                hint="the proxy is up but its connection to the database is not; check the "
+                     "database server" + (" and [backend] TLS settings" if reason else ""))
             return
+        self.backend = backend
+        self.backend_encrypted = connected.encrypted
         metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
         if self.client.closed.done():
             self.outcome = "client_gone"
             self.backend.close()
             return
+        first = self.startup.raw
+        if self._channel_binding_differs(connected):
+            if not await self._refuse_plus_across_certificates():
+                return
+            first = b""
         encryption = "tls" if self.encrypted else "plain"
-        metrics.accepted(encryption, self.tls_version, self.client_cert is not None)
+        metrics.accepted(encryption, self.tls_version, self.client_cert is not None,
+                         connected.encrypted)
         metrics.active(encryption, 1)
         self.linked = True
         self.outcome = "ok"
         try:
-            link(self.client, self.backend, self.startup.raw)
+            link(self.client, self.backend, first)
             self.state.live.add(self)
             await self.client.closed
             await self.backend.closed
         finally:
             self.state.live.discard(self)
             metrics.active(encryption, -1)
+
+    def _channel_binding_differs(self, connected: backend_mod.Connected) -> bool:
+        """SCRAM-SHA-256-PLUS binds to the certificate the client saw (tls-server-end-point):
+        across the proxy it can only succeed when the proxy presents the database's own."""
+        server_tls = self.cfg.server_tls
+        return (self.encrypted and connected.encrypted and server_tls is not None
+                and connected.peer_cert != server_tls.server_cert_der)
+
+    async def _refuse_plus_across_certificates(self) -> bool:
+        """Relay the start-up by hand until the client answers an AuthenticationSASL that
+        offers SCRAM-SHA-256-PLUS; refuse a client that picks it (the backend would only say
+        "channel binding check failed"). Stripping -PLUS from the offer does not help: the
+        client then sends the 'y' flag and a backend on TLS takes it for a downgrade."""
+        assert self.client is not None and self.backend is not None and self.startup
+        client, backend = self.client, self.backend
+        assert client.transport is not None and backend.transport is not None
+        backend.transport.write(self.startup.raw + bytes(client.buffer))
+        client.buffer.clear()
+        try:
+            async with asyncio.timeout(self.cfg.listen.startup_timeout):
+                message = await backend.read_message()
+                if message is None:
+                    return True  # link() passes on whatever came, then the close
+                kind, body = message
+                client.transport.write(_message(kind, body))
+                if not (kind == b"R" and body[:4] == _AUTH_SASL
+                        and _SCRAM_PLUS in body[4:].split(b"\0")):
+                    return True
+                answer = await client.read_message()
+        except TimeoutError:
+            self._refuse("startup_timeout", wire.PROTOCOL_VIOLATION,
+                         "authentication not answered within listen.startup_timeout")
+            return False
+        if answer is None:
+            return True
+        kind, body = answer
+        if kind == b"p" and body.split(b"\0", 1)[0] == _SCRAM_PLUS:
+            self._refuse("channel_binding", wire.INVALID_AUTHORIZATION,
+                         "channel binding cannot cross this proxy: the client chose "
+                         "SCRAM-SHA-256-PLUS, but the certificate the proxy presents is not "
+                         "the database's",
+                         hint="connect with channel_binding=disable, or give the proxy the "
+                              "database's own certificate and key (tls.ssl_cert_file, "
+                              "tls.ssl_key_file)")
+            return False
+        backend.transport.write(_message(kind, body))
+        return True
 
     def flush_bytes(self) -> None:
         c2b = self.client.received if self.client else 0
@@ -516,6 +571,7 @@ class Session:
             "peer": self.peer_addr,
             "worker_pid": _PID,
             "encryption": "tls" if self.encrypted else "plain",
+            "backend_encryption": "tls" if self.backend_encrypted else "plain",
             "tls_version": self.tls_version,
             "cipher": self.cipher,
             "direct_tls": self.direct,
@@ -541,6 +597,14 @@ def _ends_with_ready_for_query(chunk: bytes) -> bool:
     """Whether the backend's last chunk ended with a ReadyForQuery ('Z', length 5, status):
     the stream is then between messages and the client waits for a query."""
     return len(chunk) >= 6 and chunk[-6:-1] == _READY_FOR_QUERY and chunk[-1:] in b"ITE"
+
+
+_AUTH_SASL = (10).to_bytes(4, "big")  # AuthenticationSASL
+_SCRAM_PLUS = b"SCRAM-SHA-256-PLUS"
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def _refusal(reason: str, sqlstate: str, message: str, hint: str = "") -> bytes:

@@ -40,6 +40,9 @@ class Snapshot:
         except KeyError:
             raise ConfigError(key, f"'{path}' is not part of the configuration read") from None
 
+    def has(self, path: str) -> bool:
+        return path in self.files
+
     def listdir(self, path: str, key: str) -> tuple[str, ...]:
         try:
             return self.listings[path]
@@ -100,6 +103,14 @@ class Reader:
             raise ConfigError(key, f"'{path}' is a directory, not a file") from None
         except OSError as exc:
             raise ConfigError(key, f"cannot read '{path}': {exc.strerror}") from None
+
+    def optional(self, path: str, key: str, *, secret: bool = False) -> bool:
+        """Read a file looked up by convention (e.g. a key's .cipher/.rand pair beside it)
+        when it exists; False when it does not."""
+        if not os.path.lexists(path):
+            return False
+        self.file(path, key, secret=secret)
+        return True
 
     def directory(self, path: str, key: str) -> None:
         """Every regular file of a folder, by name; hidden entries are skipped: a kubelet volume

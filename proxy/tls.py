@@ -9,13 +9,15 @@ read files from disk (snapshot.py does) or decide policy.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import ssl
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, TlsConfig
+from .config import BackendConfig, ConfigError, TlsConfig
 from .snapshot import Snapshot, as_path
 from .verify import CrlFacts, Verifier, load_crls, name_to_str
 
@@ -47,6 +49,7 @@ class ServerTls:
     # None without a CA file: then no client certificate is ever asked for
     verifier: Verifier | None
     server_cert: CertFacts
+    server_cert_der: bytes  # what SCRAM-SHA-256-PLUS binds to on the client's side
     ca_certs: tuple[CertFacts, ...]
     crls: tuple[CrlFacts, ...]
 
@@ -174,24 +177,11 @@ def build_server_tls(tls: TlsConfig, snap: Snapshot, *, cert_requested: bool) ->
 
     cert_pem = snap.read(tls.ssl_cert_file, "tls.ssl_cert_file")
     server_cert = server_cert_facts(cert_pem, tls.ssl_cert_file)
-    key_pem = snap.read(tls.ssl_key_file, "tls.ssl_key_file")
-    password = b""
-    if tls.ssl_passphrase_file:
-        password = snap.read(tls.ssl_passphrase_file, "tls.ssl_passphrase_file").rstrip(b"\r\n")
-    encrypted = b"ENCRYPTED" in key_pem
-    if encrypted and not password:
-        raise ConfigError("tls.ssl_key_file",
-                          "the key is encrypted: set tls.ssl_passphrase_file")
-    try:
-        # Always pass a password: without one OpenSSL would prompt on the terminal.
-        with as_path(cert_pem, "server.crt") as cert_path, as_path(key_pem, "server.key") as kp:
-            ctx.load_cert_chain(cert_path, kp, password=password or b"-")
-    except ssl.SSLError as exc:
-        if encrypted:
-            raise ConfigError("tls.ssl_passphrase_file",
-                              "wrong passphrase for tls.ssl_key_file") from None
-        raise ConfigError("tls.ssl_key_file",
-                          f"cannot use the key with tls.ssl_cert_file: {exc.reason}") from None
+    pair = key_pair(tls.ssl_key_cipher_file, tls.ssl_key_rand_file, tls.ssl_key_file, "server")
+    load_key(ctx, snap, cert_pem, ("tls.ssl_cert_file", tls.ssl_cert_file),
+             ("tls.ssl_key_file", tls.ssl_key_file),
+             ("tls.ssl_passphrase_file", tls.ssl_passphrase_file),
+             (("tls.ssl_key_cipher_file", pair[0]), ("tls.ssl_key_rand_file", pair[1])))
 
     verifier = None
     ca_facts: tuple[CertFacts, ...] = ()
@@ -213,8 +203,119 @@ def build_server_tls(tls: TlsConfig, snap: Snapshot, *, cert_requested: bool) ->
             ctx.verify_mode = ssl.CERT_OPTIONAL
     elif tls.ssl_crl_file or tls.ssl_crl_dir:
         raise ConfigError("tls.ssl_crl_file", "a CRL needs tls.ssl_ca_file")
+    begin = max(cert_pem.find(b"-----BEGIN CERTIFICATE-----"), 0)
+    leaf_pem = cert_pem[begin:].split(b"-----END CERTIFICATE-----", 1)[0] + (
+        b"-----END CERTIFICATE-----\n")
     return ServerTls(context=ctx, verifier=verifier, server_cert=server_cert,
+                     server_cert_der=ssl.PEM_cert_to_DER_cert(leaf_pem.decode("ascii",
+                                                                             "replace")),
                      ca_certs=ca_facts, crls=crl_facts)
+
+
+def load_key(ctx: ssl.SSLContext, snap: Snapshot, cert_pem: bytes, cert: tuple[str, str],
+             key: tuple[str, str], passphrase_file: tuple[str, str],
+             pair: tuple[tuple[str, str], tuple[str, str]]) -> None:
+    """Load a certificate and its key into `ctx`. The key's passphrase comes from a passphrase
+    file, or from an openGauss .cipher/.rand pair when the snapshot holds one (configured, or
+    found beside the key / certificate as openGauss and gsql look). Errors name the key at
+    fault, never the secret."""
+    from . import gausskey
+
+    key_pem = snap.read(key[1], key[0])
+    password = b""
+    (cipher_key, cipher_path), (rand_key, rand_path) = pair
+    if passphrase_file[1]:
+        password = snap.read(passphrase_file[1], passphrase_file[0]).rstrip(b"\r\n")
+    elif snap.has(cipher_path) and snap.has(rand_path):
+        try:
+            password = gausskey.decode(snap.read(cipher_path, cipher_key),
+                                       snap.read(rand_path, rand_key),
+                                       cipher_name=f"'{cipher_path}'", rand_name=f"'{rand_path}'")
+        except gausskey.PairError as exc:
+            raise ConfigError(rand_key, str(exc)) from None
+    encrypted = b"ENCRYPTED" in key_pem
+    if encrypted and not password:
+        raise ConfigError(key[0], f"the key is encrypted: set {passphrase_file[0]} or give the "
+                          f"{cipher_key}/{rand_key} pair")
+    try:
+        # Always pass a password: without one OpenSSL would prompt on the terminal.
+        with as_path(cert_pem, "cert") as cert_path, as_path(key_pem, "key") as kp:
+            ctx.load_cert_chain(cert_path, kp, password=password or b"-")
+    except ssl.SSLError as exc:
+        if encrypted:
+            source = passphrase_file[0] if passphrase_file[1] else rand_key
+            raise ConfigError(source, f"wrong passphrase for {key[0]}") from None
+        raise ConfigError(key[0], f"cannot use the key with {cert[0]}: {exc.reason}") from None
+
+
+def key_pair(cfg_cipher: str, cfg_rand: str, beside: str, stem: str) -> tuple[str, str]:
+    """The .cipher/.rand pair of a key: as configured, else `<stem>.key.cipher/.rand` in the
+    folder of `beside` (openGauss looks beside ssl_key_file; gsql beside sslcert)."""
+    if cfg_cipher:
+        return cfg_cipher, cfg_rand
+    folder = os.path.dirname(beside)
+    return (os.path.join(folder, f"{stem}.key.cipher"),
+            os.path.join(folder, f"{stem}.key.rand"))
+
+
+@dataclass(frozen=True)
+class BackendTls:
+    """The proxy as a TLS client of the database ([backend] sslmode and friends)."""
+
+    context: ssl.SSLContext
+    sslmode: str  # as configured: prefer falls back to plaintext on N
+    server_hostname: str | None  # SNI and the name verify-full checks; None for an address
+    direct: bool  # sslnegotiation = direct: TLS from the first byte, ALPN postgresql
+    ca_certs: tuple[CertFacts, ...]
+    client_cert: CertFacts | None
+
+
+def build_backend_tls(b: BackendConfig, snap: Snapshot) -> BackendTls:
+    """libpq's sslmode meanings: require checks nothing unless sslrootcert is set (then as
+    verify-ca); verify-ca checks the chain; verify-full also the host name (SAN, or CN without
+    SANs; IP SANs for an address)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSIONS[b.ssl_min_protocol_version]
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    verify = b.sslmode in ("verify-ca", "verify-full") or (
+        b.sslmode in ("require", "prefer") and bool(b.sslrootcert))
+    ctx.check_hostname = b.sslmode == "verify-full"
+    ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+    ca_facts: tuple[CertFacts, ...] = ()
+    if verify:
+        ca_pem = snap.read(b.sslrootcert, "backend.sslrootcert")
+        ca_certs = _pem_certs(ca_pem, b.sslrootcert, "backend.sslrootcert")
+        ca_facts = tuple(cert_facts(c) for c in ca_certs)
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii", "replace"))
+        if b.sslcrl:
+            crl_pem = snap.read(b.sslcrl, "backend.sslcrl")
+            try:
+                with as_path(crl_pem, "backend.crl") as crl_path:
+                    ctx.load_verify_locations(cafile=crl_path)
+            except ssl.SSLError as exc:
+                raise ConfigError("backend.sslcrl", f"'{b.sslcrl}' is not a PEM CRL: "
+                                  f"{exc.reason}") from None
+            # libpq: X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL with sslcrl
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    client: CertFacts | None = None
+    if b.sslcert:
+        cert_pem = snap.read(b.sslcert, "backend.sslcert")
+        client = cert_facts(_pem_certs(cert_pem, b.sslcert, "backend.sslcert")[0])
+        pair = key_pair(b.sslkey_cipher_file, b.sslkey_rand_file, b.sslcert, "client")
+        load_key(ctx, snap, cert_pem, ("backend.sslcert", b.sslcert),
+                 ("backend.sslkey", b.sslkey), ("backend.sslpassword_file", b.sslpassword_file),
+                 (("backend.sslkey_cipher_file", pair[0]),
+                  ("backend.sslkey_rand_file", pair[1])))
+    direct = b.sslnegotiation == "direct"
+    if direct:
+        ctx.set_alpn_protocols([ALPN_POSTGRESQL])
+    try:
+        ipaddress.ip_address(b.host)
+        hostname = None if not ctx.check_hostname else b.host  # an IP: checked, never SNI
+    except ValueError:
+        hostname = b.host if (b.sslsni or ctx.check_hostname) else None
+    return BackendTls(context=ctx, sslmode=b.sslmode, server_hostname=hostname, direct=direct,
+                      ca_certs=ca_facts, client_cert=client)
 
 
 def _warn_cas_without_crl(cas: list[x509.Certificate],

@@ -111,7 +111,8 @@ def test_good_certificate_connects(verify_ca: Proxy, pki2: Pki) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "postgres", proc.stderr
     assert psycopg_error(verify_ca, pki2, "good") == ""
     assert verify_ca.metric("dwsproxy_connections_total", encryption="tls",
-                            tls_version="TLSv1.3", client_cert="verified") >= 2
+                            tls_version="TLSv1.3", client_cert="verified",
+                            backend_encryption="plain") >= 2
     assert 'client_cert="CN=postgres,O=dwsproxy"' in verify_ca.log()
 
 
@@ -184,7 +185,7 @@ def test_optional(start_proxy: Callable[..., Proxy], pki2: Pki) -> None:
     assert "certificate revoked" in psql(proxy, pki2, "revoked").stderr
     assert "unknown ca" in psql(proxy, pki2, "foreign").stderr
     assert proxy.metric("dwsproxy_connections_total", encryption="tls", tls_version="TLSv1.3",
-                        client_cert="none") == 1
+                        client_cert="none", backend_encryption="plain") == 1
 
 
 def test_gsql_rule_limits_tls_version(start_proxy: Callable[..., Proxy], pki2: Pki) -> None:

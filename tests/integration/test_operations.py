@@ -87,13 +87,17 @@ def test_scripted_mix_exact_counts(start_proxy: Callable[..., Proxy], pki: Path)
         "dwsproxy_ssl_requests_total") and v}
     assert got == {
         ("dwsproxy_connections_total",
-         (("client_cert", "none"), ("encryption", "tls"), ("tls_version", "TLSv1.3"))): 3,
+         (("backend_encryption", "plain"), ("client_cert", "none"), ("encryption", "tls"),
+          ("tls_version", "TLSv1.3"))): 3,
         ("dwsproxy_connections_total",
-         (("client_cert", "verified"), ("encryption", "tls"), ("tls_version", "TLSv1.3"))): 1,
+         (("backend_encryption", "plain"), ("client_cert", "verified"), ("encryption", "tls"),
+          ("tls_version", "TLSv1.3"))): 1,
         ("dwsproxy_connections_total",
-         (("client_cert", "none"), ("encryption", "tls"), ("tls_version", "TLSv1.2"))): 1,
+         (("backend_encryption", "plain"), ("client_cert", "none"), ("encryption", "tls"),
+          ("tls_version", "TLSv1.2"))): 1,
         ("dwsproxy_connections_total",
-         (("client_cert", "none"), ("encryption", "plain"), ("tls_version", ""))): 2,
+         (("backend_encryption", "plain"), ("client_cert", "none"), ("encryption", "plain"),
+          ("tls_version", ""))): 2,
         ("dwsproxy_connections_rejected_total", (("reason", "rule"),)): 1,
         ("dwsproxy_connections_rejected_total", (("reason", "client_cert_revoked"),)): 1,
         ("dwsproxy_connections_rejected_total", (("reason", "bad_startup"),)): 2,
@@ -132,9 +136,9 @@ def test_workers_summed(start_proxy: Callable[..., Proxy], pki: Path) -> None:
     for i in range(n):
         connect(proxy, pki, sslmode="require" if i % 2 else "disable").close()
     proxy.wait_metric("dwsproxy_connections_total", n // 2, encryption="tls",
-                      tls_version="TLSv1.3", client_cert="none")
+                      tls_version="TLSv1.3", client_cert="none", backend_encryption="plain")
     proxy.wait_metric("dwsproxy_connections_total", n // 2, encryption="plain", tls_version="",
-                      client_cert="none")
+                      client_cert="none", backend_encryption="plain")
     # SO_REUSEPORT spread the sessions: both workers served some, and the scrape summed them.
     served = set(re.findall(r"worker_pid=(\d+) .*outcome=ok", proxy.log()))
     assert served == pids, proxy.log()

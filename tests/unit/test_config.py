@@ -93,9 +93,22 @@ def test_wrong_types(bundle: Path) -> None:
     assert load_error(bundle, BASE + "ssl = 3\n").key == "tls.ssl"
 
 
-def test_backend_tls_not_supported_yet(bundle: Path) -> None:
-    err = load_error(bundle, "[backend]\nsslmode = 'require'\n" + BASE)
-    assert err.key == "backend.sslmode" and "not supported yet" in str(err)
+@pytest.mark.parametrize("backend,key,says", [
+    ("sslmode = 'verify-ca'", "backend.sslrootcert", "is required"),
+    ("sslmode = 'disable'\nsslrootcert = 'certs/cacert.pem'", "backend.sslrootcert",
+     "no effect"),
+    ("sslmode = 'prefer'\nsslnegotiation = 'direct'", "backend.sslnegotiation", "prefer"),
+    ("sslmode = 'require'\nsslcrl = 'certs/crl.pem'", "backend.sslcrl", "sslrootcert"),
+    ("sslmode = 'require'\nsslcert = 'certs/client.crt'", "backend.sslkey", "go together"),
+    ("sslmode = 'require'\nssl_min_protocol_version = 'TLSv1.1'",
+     "backend.ssl_min_protocol_version", "not one of"),
+    ("sslmode = 'require'\nsslcert = 'certs/client.crt'\nsslkey = 'certs/client.key'\n"
+     "sslkey_cipher_file = 'x.cipher'", "backend.sslkey_cipher_file", "go together"),
+])
+def test_backend_tls_settings_are_checked(bundle: Path, backend: str, key: str,
+                                          says: str) -> None:
+    err = load_error(bundle, f"[backend]\n{backend}\n" + BASE)
+    assert err.key == key and says in str(err), str(err)
 
 
 def test_rules_validation(bundle: Path) -> None:
