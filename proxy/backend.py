@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # X509_V_ERR_* (openssl/x509_vfy.h) that get their own reason
 _CERT_HAS_EXPIRED = 10
-_HOSTNAME_MISMATCH = 62
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
 
 class BackendError(Exception):
@@ -110,9 +110,13 @@ def _peer_cert(endpoint: Endpoint) -> bytes | None:
 def _tls_error(exc: ssl.SSLError) -> BackendError:
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = exc.verify_code
-        reason = ("expired" if code == _CERT_HAS_EXPIRED
-                  else "name_mismatch" if code == _HOSTNAME_MISMATCH else "untrusted")
-        return BackendError(f"server certificate {exc.verify_message}", reason)
+        if code == _CERT_HAS_EXPIRED:
+            return BackendError(f"server certificate expired ({exc.verify_message})", "expired")
+        if code in _NAME_MISMATCH:
+            return BackendError(f"server certificate does not match the host name "
+                                f"({exc.verify_message})", "name_mismatch")
+        return BackendError(f"server certificate not trusted by backend.sslrootcert "
+                            f"({exc.verify_message})", "untrusted")
     return BackendError(f"TLS handshake failed: {exc.reason or exc}", "handshake")
 
 

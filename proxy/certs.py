@@ -132,10 +132,7 @@ def write_key(path: Path, key: PrivateKey, *, passphrase: bytes | None = None,
     data = key.private_bytes(
         serialization.Encoding.DER if der_pkcs8 else serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8, encryption)
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    write_private(path, data)
 
 
 def load_ca(folder: Path) -> tuple[x509.Certificate, PrivateKey]:
@@ -184,8 +181,39 @@ def revoke(folder: Path, cert_path: Path) -> int:
     return cert.serial_number
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file, created 0600."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def encrypt_key(key_path: Path, stem: str, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Encrypt a PEM key in place with a passphrase kept in an openGauss pair beside it,
+    `<stem>.key.cipher` + `<stem>.key.rand`, as `gs_guc encrypt` writes them. Without a
+    passphrase, a random one of 15 characters (gs_guc's limit) is made."""
+    import secrets
+    import string
+
+    from . import gausskey
+
+    if passphrase is None:
+        alphabet = string.ascii_letters + string.digits
+        passphrase = "".join(secrets.choice(alphabet) for _ in range(15)).encode()
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    write_key(key_path, key, passphrase=passphrase)
+    cipher, rand = gausskey.encode(passphrase)
+    cipher_path = key_path.parent / f"{stem}.key.cipher"
+    rand_path = key_path.parent / f"{stem}.key.rand"
+    write_private(cipher_path, cipher)
+    write_private(rand_path, rand)
+    return cipher_path, rand_path
+
+
 def main(args: argparse.Namespace) -> int:
-    folder = Path(args.dir)
+    folder = Path(getattr(args, "dir", "."))
     try:
         if args.certs_command == "init":
             init(folder, server_cn=args.server_cn, client_cn=args.client_cn, days=args.days)
@@ -193,10 +221,13 @@ def main(args: argparse.Namespace) -> int:
         elif args.certs_command == "client":
             path = write_client(folder, load_ca(folder), args.cn, args.days)
             print(f"certs: client certificate {path}")
+        elif args.certs_command == "encrypt-key":
+            cipher, rand = encrypt_key(Path(args.key), args.stem)
+            print(f"certs: {args.key} encrypted; its passphrase is in {cipher} + {rand}")
         else:
             serial = revoke(folder, Path(args.cert))
             print(f"certs: revoked serial {serial:x}; {folder / 'crl.pem'} re-signed")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: the key is encrypted already
         print(f"certs: {exc}")
         return 1
     return 0

@@ -183,6 +183,12 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p_client.add_argument("dir")
     p_client.add_argument("--cn", required=True)
     p_client.add_argument("--days", type=int, default=825)
+    p_enc = csub.add_parser("encrypt-key", help="encrypt KEY in place, its passphrase in an "
+                            "openGauss <stem>.key.cipher + <stem>.key.rand pair beside it")
+    p_enc.add_argument("key")
+    p_enc.add_argument("--stem", default="client", choices=["client", "server"],
+                       help="server: as openGauss finds it beside ssl_key_file; client: as "
+                            "gsql finds it beside sslcert (default)")
     p_revoke = csub.add_parser("revoke", help="add CERT to DIR/crl.pem and re-sign it")
     p_revoke.add_argument("dir")
     p_revoke.add_argument("cert")

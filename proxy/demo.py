@@ -54,10 +54,13 @@ class TempPostgres:
     (PostgreSQL refuses to run as root), trust auth on 127.0.0.1 only."""
 
     def __init__(self, port: int | None = None, max_connections: int = 100,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", hba: str = "",
+                 files: dict[str, bytes] | None = None) -> None:
         self.port = port or free_port()
         self.max_connections = max_connections
         self.extra_conf = extra_conf
+        self.hba = hba  # replaces pg_hba.conf when given
+        self.files = files or {}  # written into the data directory (certificates, keys), 0600
         self.dir = Path(tempfile.mkdtemp(prefix="dwsproxy-pg-"))
         self.data = self.dir / "data"
         self.as_postgres = os.geteuid() == 0
@@ -84,6 +87,14 @@ class TempPostgres:
                 f"log_disconnections = on\n{self.extra_conf}\n")
         with open(self.data / "postgresql.conf", "a") as fh:
             fh.write(conf)
+        if self.hba:
+            (self.data / "pg_hba.conf").write_text(self.hba)
+        for name, data in self.files.items():
+            path = self.data / name
+            path.write_bytes(data)
+            os.chmod(path, 0o600)
+            if self.as_postgres:
+                shutil.chown(path, "postgres", "postgres")
         pg_ctl = find_pg_binary("pg_ctl")
         assert pg_ctl
         subprocess.run(self._cmd(pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"),
