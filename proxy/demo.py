@@ -125,7 +125,8 @@ class TempPostgres:
 
 
 def write_config(path: Path, *, port: int, backend_port: int, certs: Path, ssl: bool,
-                 require_ssl: bool, metrics_port: int = 0, extra: str = "") -> Path:
+                 require_ssl: bool, metrics_port: int = 0, extra: str = "",
+                 backend_host: str = "127.0.0.1", backend: str = "") -> Path:
     path.write_text(f"""# written by `dwsproxy demo`
 [listen]
 host = "127.0.0.1"
@@ -133,9 +134,9 @@ port = {port}
 startup_timeout = 10.0
 
 [backend]
-host = "127.0.0.1"
+host = "{backend_host}"
 port = {backend_port}
-
+{backend}
 [tls]
 ssl = {str(ssl).lower()}
 require_ssl = {str(require_ssl).lower()}
@@ -223,6 +224,7 @@ def main(args: argparse.Namespace) -> int:
                               f"{mode:<12} {result:<10} {mark}  {text[:90]}")
         print("-" * 100)
         print(f"{len(rows) - failures}/{len(rows)} cells as the seed's Table 3 says")
+        failures += not second_hop(work, certs)
         if args.no_wait:
             return 1 if failures else 0
         cfg = write_config(work / "dwsproxy.toml", port=args.port, backend_port=pg.port,
@@ -240,6 +242,58 @@ def main(args: argparse.Namespace) -> int:
         return 1 if failures else 0
     finally:
         pg.stop()
+
+
+SECOND_HOP_HBA = """local all all trust
+hostssl all all 127.0.0.1/32 trust clientcert=verify-full
+hostnossl all all 127.0.0.1/32 reject
+"""
+
+
+def second_hop(work: Path, certs: Path) -> bool:
+    """A throwaway PostgreSQL that accepts only `hostssl … clientcert=verify-full`, the proxy
+    in front with backend verify-full and the client certificate CN=postgres; the database's
+    own pg_stat_ssl row is the evidence."""
+    files = {"server.crt": (certs / "server.crt").read_bytes(),
+             "server.key": (certs / "server.key").read_bytes(),
+             "root.crt": (certs / "cacert.pem").read_bytes()}
+    db = TempPostgres(hba=SECOND_HOP_HBA, files=files, extra_conf=(
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+        "ssl_ca_file = 'root.crt'\n"))
+    print("\nThe second hop: a PostgreSQL that only takes TLS with a client certificate "
+          "(hostssl ... clientcert=verify-full),\nthe proxy in front with [backend] sslmode = "
+          "\"verify-full\" and sslcert = client.crt (CN=postgres):\n")
+    try:
+        db.start()
+        port = free_port()
+        backend = (f'sslmode = "verify-full"\nsslrootcert = "{certs / "cacert.pem"}"\n'
+                   f'sslcert = "{certs / "client.crt"}"\nsslkey = "{certs / "client.key"}"\n')
+        cfg = write_config(work / "second-hop.toml", port=port, backend_port=db.port,
+                           certs=certs, ssl=True, require_ssl=True, backend_host="localhost",
+                           backend=backend)
+        psql = shutil.which("psql") or find_pg_binary("psql")
+        assert psql
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        with running_proxy(cfg, port, work / "proxy.log"):
+            query = ("SELECT 'pg_stat_ssl on the database: ssl=' || ssl || ', ' || version "
+                     "|| ', client_dn=' || client_dn FROM pg_stat_ssl "
+                     "WHERE pid = pg_backend_pid()")
+            proc = subprocess.run(
+                [psql, f"host=localhost port={port} user=postgres dbname=postgres "
+                 f"sslmode=verify-full sslrootcert={certs / 'cacert.pem'}", "-XAtc", query],
+                capture_output=True, text=True, env=env, timeout=30)
+        direct = subprocess.run(
+            [psql, f"host=127.0.0.1 port={db.port} user=postgres dbname=postgres "
+             "sslmode=disable", "-XAtc", "SELECT 1"], capture_output=True, text=True, env=env,
+            timeout=30)
+    finally:
+        db.stop()
+    ok = proc.returncode == 0 and "ssl=true" in proc.stdout and direct.returncode != 0
+    print(f"  through dwsproxy: {proc.stdout.strip() or proc.stderr.strip()}")
+    print(f"  straight to the database in plaintext: "
+          f"{'refused' if direct.returncode else 'ACCEPTED (unexpected)'}")
+    print(f"  second hop: {'ok' if ok else 'FAILED'}")
+    return ok
 
 
 def expected(ssl_on: bool, require_ssl: bool, sslmode: str) -> str:
