@@ -73,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--proxy-python", default="",
                    help="run dwsproxy with this interpreter (it needs uvloop, cryptography and "
                         "prometheus-client) instead of the venv's; to compare interpreters")
+    p.add_argument("--backend-tls", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also run `{BACKEND_TLS}`: the headline's workers setting with TLS "
+                        "(verify-full) to PostgreSQL as well (default on)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: -T 2, 1 round, 20000-row COPY, 100 idle sessions; "
                         "results are written as quick.{json,md}")
@@ -91,6 +94,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if w != "auto" and not w.isdigit():
             p.error(f"--workers: {w!r} is neither auto nor a number")
     return args
+
+
+BACKEND_TLS = "dwsproxy-btls"  # the headline's workers, TLS (verify-full) to the backend too
 
 
 def dws_name(workers: str) -> str:
@@ -134,6 +140,7 @@ class Bench:
 
     def dws_names(self) -> list[str]:
         names = [dws_name(w) for w in self.args.workers]
+        names += [BACKEND_TLS] if self.args.backend_tls else []
         return names + (["baseline"] if self.has_baseline() else [])
 
     def has_baseline(self) -> bool:
@@ -158,6 +165,11 @@ class Bench:
             self.order.append(t.name)
             h.log(f"{t.name} (workers = {w}) on {h.HOST}:{t.port}: {len(t.pids())} process(es) "
                   f"{t.pids()}")
+        if self.args.backend_tls:
+            t = st.start_dwsproxy(BACKEND_TLS, self.args.workers[0], backend_tls=True)
+            self.order.append(t.name)
+            h.log(f"{t.name} (workers = {self.args.workers[0]}, backend sslmode = verify-full)"
+                  f" on {h.HOST}:{t.port}")
         if self.has_baseline():
             t = st.start_dwsproxy("baseline", self.args.workers[0], src=self.baseline_src(),
                                   python=self.args.baseline_python)
@@ -177,7 +189,8 @@ class Bench:
                     base = name == "baseline"
                     t = st.start_dwsproxy(twin, st.targets[name].workers,
                                           src=self.baseline_src() if base else None,
-                                          python=self.args.baseline_python if base else "")
+                                          python=self.args.baseline_python if base else "",
+                                          backend_tls=name == BACKEND_TLS)
                 h.log(f"{twin} (idle-session test only) on {h.HOST}:{t.port}: "
                       f"{len(t.pids())} process(es), RSS {t.memory()['rss_mb']} MB")
         for name in self.order:
@@ -327,7 +340,8 @@ class Bench:
                              f"default_pool_size={h.PGBOUNCER_POOL_SIZE}",
                 "postgresql": f"ssl=on (same ECDSA P-256 cert/key), max_connections="
                               f"{h.PG_MAX_CONNECTIONS}, fsync=off, trust auth",
-                "dwsproxy": "require_ssl=true, backend plaintext, default logging (info)",
+                "dwsproxy": "require_ssl=true, backend plaintext, default logging (info); "
+                            f"{BACKEND_TLS}: the same with backend sslmode=verify-full",
                 "dwsproxy_source": a.proxy_src or str(h.REPO / "proxy"),
                 "baseline": ({"source": a.baseline_src or a.proxy_src or str(h.REPO / "proxy"),
                               "python": a.baseline_python or a.proxy_python or sys.executable}

@@ -279,11 +279,14 @@ pidfile = {pdir / 'pgbouncer.pid'}
 
     # -- dwsproxy --
     def start_dwsproxy(self, name: str, workers: str, src: Path | None = None,
-                       python: str = "") -> Target:
+                       python: str = "", backend_tls: bool = False) -> Target:
         assert self.pg is not None
         port, mport = free_port(), free_port()
         workers_toml = '"auto"' if workers == "auto" else str(int(workers))
         cfg = self.work / f"{name}.toml"
+        # the second hop over TLS to the same PostgreSQL, its certificate checked (IP SAN)
+        backend_tls_toml = (f'sslmode = "verify-full"\n'
+                            f'sslrootcert = "{self.certs / "cacert.pem"}"')
         cfg.write_text(f"""# written by benchmarks/harness.py
 [listen]
 host = "{HOST}"
@@ -296,7 +299,7 @@ shutdown_grace = 1.0
 [backend]
 host = "{HOST}"
 port = {self.pg.port}
-sslmode = "disable"
+{backend_tls_toml if backend_tls else 'sslmode = "disable"'}
 
 [tls]
 ssl = true
