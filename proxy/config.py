@@ -131,9 +131,7 @@ class Rule:
             return False
         if self.type == "hostnossl" and encrypted:
             return False
-        if self.address is not None and (
-            peer is None or peer.version != self.address.version or peer not in self.address
-        ):
+        if self.address is not None and not address_matches(self.address, peer):
             return False
         # pg_hba: the keyword "replication" matches physical replication only, and no other
         # pattern ("*" included, as "all") matches it.
@@ -145,6 +143,19 @@ class Rule:
             and fnmatch.fnmatchcase(user, self.user)
             and fnmatch.fnmatchcase(application_name, self.application_name)
         )
+
+
+def address_matches(net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+                    peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+    """As PostgreSQL's check_ip: an IPv4 peer is also compared, in its IPv4-mapped form
+    (::ffff:a.b.c.d), with an IPv6 rule such as ::/0."""
+    if peer is None:
+        return False
+    if peer.version == net.version:
+        return peer in net
+    if isinstance(peer, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(f"::ffff:{peer}") in net
+    return False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .config import CLIENTCERT_LEVELS, Rule, TlsConfig
+from .config import CLIENTCERT_LEVELS, Rule, TlsConfig, address_matches
 from .tls import ALPN_POSTGRESQL, CertFacts
 from .wire import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION
 
@@ -118,10 +118,12 @@ def decide_cancel(rules: tuple[Rule, ...], facts: Facts) -> Decision:
     """A CancelRequest carries no user or database, and libpq before 17 sends it in plaintext
     whatever sslmode the session used; so it is judged by what it does carry: the direct-TLS
     ALPN rule, a presented certificate, and the peer address. Rules are read in order: the
-    first one whose address covers the peer decides if it is an `allow` (some session from
-    there may be allowed) or an unconditional `reject` (user, database and application_name
-    all "*"); a reject rule narrowed by user or database cannot judge a cancel and is skipped.
-    No rule covering the peer: refused, as its sessions would be."""
+    first one whose address covers the peer decides if it is an `allow` of any type (some
+    session from there may be allowed, over TLS or not: the cancel is authenticated by the
+    session's secret key) or an unconditional `reject` (type host; user, database and
+    application_name all "*"). A reject narrowed by type, user, database or application_name
+    cannot judge a cancel and is skipped, so the usual "hostnossl reject, hostssl allow" still
+    lets a libpq 15 client's plaintext cancel through. No rule covering the peer: refused."""
     if facts.direct_tls and facts.alpn != ALPN_POSTGRESQL:
         return Reject("tls_handshake", PROTOCOL_VIOLATION, "direct TLS cancel without ALPN")
     if facts.client_cert_error is not None:
@@ -130,13 +132,11 @@ def decide_cancel(rules: tuple[Rule, ...], facts: Facts) -> Decision:
     if not rules:
         return Allow()
     for rule in rules:
-        if rule.address is not None and (facts.peer is None
-                                         or facts.peer.version != rule.address.version
-                                         or facts.peer not in rule.address):
+        if rule.address is not None and not address_matches(rule.address, facts.peer):
             continue
         if rule.action == "allow":
             return Allow(rule.index)
-        if rule.user == rule.database == rule.application_name == "*":
+        if rule.type == "host" and rule.user == rule.database == rule.application_name == "*":
             return Reject("rule", INVALID_AUTHORIZATION,
                           f"cancel request refused by {rule.describe()}")
     return Reject("rule", INVALID_AUTHORIZATION,

@@ -10,9 +10,11 @@ decide policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import signal
@@ -69,7 +71,11 @@ class ServerState:
     cancel_rate_text = f"{CANCEL_BURST:.0f} cancel requests at once or {CANCEL_RATE:.0f}/s"
 
     def cancel_allowed(self, host: str) -> bool:
-        """A token bucket per source address."""
+        """A token bucket per source address; an IPv6 client owns its whole /64, so that is
+        one source. Clients behind one SNAT address share a bucket."""
+        if ":" in host:
+            with contextlib.suppress(ValueError):
+                host = str(ipaddress.ip_network(f"{host}/64", strict=False))
         now = time.monotonic()
         tokens, when = self._cancel_tokens.pop(host, (CANCEL_BURST, now))
         tokens = min(CANCEL_BURST, tokens + (now - when) * CANCEL_RATE)

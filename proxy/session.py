@@ -186,12 +186,12 @@ class Session:
                                  + ("ssl is off" if not tls_cfg.ssl else "direct_ssl is off"))
                     return False
                 self.direct = True
-                hello = await self._read_tls_record()
+                hello = await self._read_client_hello()
                 if hello is None:
                     self._reject("tls_handshake", "client closed in the middle of its "
                                  "ClientHello")
                     return False
-                return await self._start_tls(hello)
+                return await self._start_tls(*hello)
             event = await self._read_raw_packet()
             if event is None:
                 self._reject("bad_startup", "client closed in the middle of a start-up packet")
@@ -235,15 +235,31 @@ class Session:
         if sent < len(data):
             await self.loop.sock_sendall(self.sock, data[sent:])
 
-    async def _read_tls_record(self) -> bytes | None:
-        """The first TLS record of a direct-TLS connection, read whole: its ClientHello's ALPN
-        offer is checked before OpenSSL answers it."""
-        head = await self._recv_exactly(tls.TLS_RECORD_HEADER)
-        if head is None:
-            return None
-        size = min(int.from_bytes(head[3:5], "big"), tls.TLS_MAX_RECORD)
-        body = await self._recv_exactly(size)
-        return None if body is None else head + body
+    async def _read_client_hello(self) -> tuple[bytes, bytes | None] | None:
+        """The TLS records that carry a direct-TLS ClientHello, read whole, so its ALPN offer
+        is checked before OpenSSL answers it: (the records as received, the ClientHello
+        handshake message or None when it is not a well-formed one within the bounds).
+        None when the client closed first."""
+        records, handshake = b"", b""
+        for _ in range(tls.CLIENT_HELLO_MAX_RECORDS):
+            head = await self._recv_exactly(tls.TLS_RECORD_HEADER)
+            if head is None:
+                return None
+            size = int.from_bytes(head[3:5], "big")
+            if head[0] != wire.TLS_HANDSHAKE_BYTE or size > tls.TLS_MAX_RECORD:
+                return records + head, None
+            body = await self._recv_exactly(size)
+            if body is None:
+                return None
+            records += head + body
+            handshake += body
+            if len(handshake) >= 4:
+                want = 4 + int.from_bytes(handshake[1:4], "big")
+                if want > tls.CLIENT_HELLO_MAX:
+                    return records, None
+                if len(handshake) >= want:
+                    return records, handshake[:want]
+        return records, None
 
     async def _recv_exactly(self, n: int) -> bytes | None:
         buf = b""
@@ -254,16 +270,16 @@ class Session:
             buf += data
         return buf
 
-    async def _start_tls(self, hello: bytes = b"") -> bool:
+    async def _start_tls(self, records: bytes = b"", hello: bytes | None = None) -> bool:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
         t0 = time.perf_counter()
         client = TlsEndpoint(server_tls.context)
-        if hello:
-            offered = tls.client_hello_alpn(hello)
-            if offered is not None and ALPN_OFFER not in offered:
+        if records:  # direct TLS: no ALPN "postgresql" in the offer, or no readable offer
+            offered = tls.client_hello_alpn(hello) if hello is not None else None
+            if offered is None or ALPN_OFFER not in offered:
                 tls.refuse_alpn(client.ssl_object)
-            client.initial = hello  # fed to OpenSSL in connection_made, before any read
+            client.initial = records  # fed to OpenSSL in connection_made, before any read
         await self.loop.connect_accepted_socket(lambda: client, self.sock)
         self.client = client  # from here on _finish() closes it, whatever happens
         try:
@@ -307,7 +323,29 @@ class Session:
             return ("client_cert_invalid", "client certificate refused: no CA configured")
         return server_tls.verifier.check(leaf, chain)
 
+    def _catch_up(self) -> None:
+        """A reload happened while this connection negotiated: it is judged by the
+        configuration in force now, not the one at accept, its certificate checked again (a
+        connection that finished its handshake just before a revoking reload must not slip
+        in after it)."""
+        new = self.state.config
+        if new is self.cfg:
+            return
+        self.cfg = new
+        if self.peer_chain is not None and new.server_tls is not None \
+                and new.server_tls.verifier is not None:
+            self.cert_error = self._check_certificate(new.server_tls)
+
+    def _decide(self) -> policy.Decision:
+        assert self.startup is not None
+        event = self.startup
+        self.facts = self._facts(user=event.user, database=event.database,
+                                 application_name=event.application_name,
+                                 replication=event.replication == "physical")
+        return policy.decide(self.cfg.tls, self.cfg.rules, self.facts)
+
     async def _handle_first_packet(self, event: wire.Event) -> bool:
+        self._catch_up()
         if isinstance(event, wire.CancelRequest):
             await self._cancel(event)
             return False
@@ -332,10 +370,7 @@ class Session:
                          f"invalid value for parameter \"replication\": \"{value}\"",
                          hint="Valid values are: \"false\", 0, \"true\", 1, \"database\".")
             return False
-        facts = self.facts = self._facts(user=event.user, database=event.database,
-                                         application_name=event.application_name,
-                                         replication=replication == "physical")
-        decision = policy.decide(self.cfg.tls, self.cfg.rules, facts)
+        decision = self._decide()
         if isinstance(decision, policy.Reject):
             self._refuse(decision.reason, decision.sqlstate, decision.message,
                          hint=decision.hint)
@@ -409,6 +444,14 @@ class Session:
             self.outcome = "client_gone"
             self.backend.close()
             return
+        if self.state.config is not self.cfg:  # a reload while the backend was connecting
+            self._catch_up()
+            decision = self._decide()
+            if isinstance(decision, policy.Reject):
+                self.backend.close()
+                self._refuse(decision.reason, decision.sqlstate, decision.message,
+                             hint=decision.hint)
+                return
         first = self.startup.raw
         if self._channel_binding_differs(connected):
             if not await self._refuse_plus_across_certificates():

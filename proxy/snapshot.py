@@ -74,9 +74,34 @@ class Snapshot:
                    listings={p: tuple(names) for p, names in doc["listings"].items()})
 
 
+MAX_FILE = 64 * 1024 * 1024  # a certificate bundle or CRL is never this large
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE: a FIFO, a device (/dev/zero) or a huge
+    file named by mistake must not block or exhaust the process that reloads. OSError (with
+    its strerror) otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        if st.st_size > MAX_FILE:
+            raise OSError(0, f"larger than {MAX_FILE // (1024 * 1024)} MiB")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > MAX_FILE:
+                raise OSError(0, f"larger than {MAX_FILE // (1024 * 1024)} MiB")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_text(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_regular(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: '{path}'") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -96,11 +121,9 @@ class Reader:
         if secret:
             check_private(path, key)
         try:
-            self.files[path] = Path(path).read_bytes()
+            self.files[path] = read_regular(path)
         except FileNotFoundError:
             raise ConfigError(key, f"no such file '{path}'") from None
-        except IsADirectoryError:
-            raise ConfigError(key, f"'{path}' is a directory, not a file") from None
         except OSError as exc:
             raise ConfigError(key, f"cannot read '{path}': {exc.strerror}") from None
 
@@ -124,7 +147,11 @@ class Reader:
             raise ConfigError(key, f"cannot list '{path}': {exc.strerror}") from None
         names = []
         for entry in entries:
-            if entry.is_file():  # follows links, as the kubelet layout needs
+            try:  # follows links, as the kubelet layout needs; FIFOs, devices, loops skipped
+                regular = stat.S_ISREG(entry.stat().st_mode)
+            except OSError:
+                regular = False
+            if regular:
                 self.file(str(entry), key)
                 names.append(str(entry))
         self.listings[path] = tuple(names)

@@ -349,34 +349,40 @@ def _refuse_without_alpn(ssl_object: ssl.SSLObject, _name: str | None,
 
 TLS_RECORD_HEADER = 5
 TLS_MAX_RECORD = 16384 + 2048  # a TLSPlaintext record's limit, with room for an expansion
+CLIENT_HELLO_MAX = 64 * 1024  # a ClientHello with post-quantum key shares is a few KiB
+CLIENT_HELLO_MAX_RECORDS = 8
 
 
-def client_hello_alpn(record: bytes) -> tuple[bytes, ...] | None:
-    """The ALPN protocols offered in a ClientHello that fits one TLS record; () when it offers
-    none; None when the record is not a whole ClientHello (OpenSSL then decides alone)."""
+def client_hello_alpn(handshake: bytes) -> tuple[bytes, ...] | None:
+    """The ALPN protocols offered in a ClientHello handshake message (its records' payloads
+    joined); () when it offers none; None when it is not a well-formed ClientHello (the
+    connection is then refused like one without ALPN)."""
     try:
-        if record[0] != 0x16 or len(record) < TLS_RECORD_HEADER + 4 or record[5] != 1:
+        if handshake[0] != 1:  # client_hello
             return None
-        body_len = int.from_bytes(record[6:9], "big")
-        body = record[9:9 + body_len]
-        if len(body) != body_len:
-            return None  # the ClientHello continues in another record
+        body = handshake[4:4 + int.from_bytes(handshake[1:4], "big")]
         pos = 2 + 32  # legacy_version, random
         pos += 1 + body[pos]  # session id
         pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
         pos += 1 + body[pos]  # compression methods
         if pos == len(body):
             return ()  # no extensions at all
+        if pos > len(body):
+            return None
         (ext_total,) = struct.unpack_from("!H", body, pos)
         pos += 2
         end = pos + ext_total
+        if end > len(body):
+            return None
         while pos + 4 <= end:
             ext_type, ext_len = struct.unpack_from("!HH", body, pos)
             pos += 4
+            if pos + ext_len > end:
+                return None
             if ext_type == 16:  # application_layer_protocol_negotiation (RFC 7301)
                 names = []
                 (list_len,) = struct.unpack_from("!H", body, pos)
-                at, stop = pos + 2, pos + 2 + list_len
+                at, stop = pos + 2, min(pos + 2 + list_len, pos + ext_len)
                 while at < stop:
                     size = body[at]
                     names.append(bytes(body[at + 1:at + 1 + size]))

@@ -70,6 +70,8 @@ def parse_crls(data: bytes, path: str, key: str) -> list[x509.CertificateRevocat
     try:
         if b"-----BEGIN" in data:
             blocks = data.split(_PEM_CRL_END)[:-1]
+            if data.count(b"-----BEGIN X509 CRL-----") != len(blocks):
+                raise ValueError("a CRL block is not terminated (a half-written file?)")
             return [x509.load_pem_x509_crl(block + _PEM_CRL_END + b"\n") for block in blocks]
         return [x509.load_der_x509_crl(data)]
     except ValueError as exc:
@@ -97,13 +99,14 @@ def load_crls(snap: Snapshot, crl_file: str, crl_dir: str) -> LoadedCrls:
     for key, where, paths in sources:
         found = 0
         for path in paths:
+            data = snap.read(path, key)
             try:
-                crls = parse_crls(snap.read(path, key), path, key)
+                crls = parse_crls(data, path, key)
             except ConfigError as exc:
-                if key == "tls.ssl_crl_file":
+                if key == "tls.ssl_crl_file" or _looks_like_crl(path, data):
+                    # a half-written new CRL must not leave the old one in force unnoticed
                     raise
-                # Safe to skip in a folder: an issuer left without a CRL fails closed.
-                log.warning("%s: skipped: %s", key, exc)
+                log.warning("%s: skipped, not a CRL: %s", key, exc)
                 continue
             if not crls and key == "tls.ssl_crl_file":
                 raise ConfigError(key, f"'{path}' holds no CRL")
@@ -125,7 +128,49 @@ def load_crls(snap: Snapshot, crl_file: str, crl_dir: str) -> LoadedCrls:
             raise ConfigError(key, f"the {what} '{where}' yields no usable CRL (PEM or DER "
                               "X.509 CRLs with a nextUpdate); CRL checking cannot be on "
                               "without one")
+    _refuse_unusable_deltas(usable, "tls.ssl_crl_dir" if crl_dir else "tls.ssl_crl_file")
     return LoadedCrls(tuple(usable), left_out)
+
+
+def _looks_like_crl(path: str, data: bytes) -> bool:
+    name = path.rsplit("/", 1)[-1].lower()
+    suffix = name.rsplit(".", 1)[-1] if "." in name else ""
+    return (b"-----BEGIN X509 CRL-----" in data or suffix in ("crl", "der")
+            or (len(suffix) == 2 and suffix[0] == "r" and suffix[1].isdigit()))
+
+
+def _refuse_unusable_deltas(crls: list[x509.CertificateRevocationList], key: str) -> None:
+    """OpenSSL applies a delta CRL only when the base CRL (or the certificate) carries a
+    Freshest CRL extension (x509_vfy.c get_delta_sk): otherwise a delta that revokes a
+    certificate is loaded and silently has no effect. Such a delta that revokes anything its
+    complete CRLs do not is refused at load; one that adds nothing is only logged."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
+    def has(crl: x509.CertificateRevocationList, oid: x509.ObjectIdentifier) -> bool:
+        try:
+            crl.extensions.get_extension_for_oid(oid)
+            return True
+        except x509.ExtensionNotFound:
+            return False
+
+    for delta in crls:
+        if not has(delta, ExtensionOID.DELTA_CRL_INDICATOR):
+            continue
+        bases = [c for c in crls if c.issuer == delta.issuer
+                 and not has(c, ExtensionOID.DELTA_CRL_INDICATOR)]
+        if any(has(b, ExtensionOID.FRESHEST_CRL) for b in bases):
+            continue
+        issuer = name_to_str(delta.issuer)
+        known = {r.serial_number for b in bases for r in b}
+        lost = [r.serial_number for r in delta if r.serial_number not in known]
+        if lost:
+            raise ConfigError(key, f"a delta CRL of \"{issuer}\" revokes serial {lost[0]:x}"
+                              f"{f' and {len(lost) - 1} more' if len(lost) > 1 else ''}, but "
+                              "OpenSSL would ignore it: no complete CRL of that issuer has a "
+                              "Freshest CRL extension; merge it into a complete CRL")
+        log.warning("%s: a delta CRL of \"%s\" is not used (no Freshest CRL extension in its "
+                    "complete CRL); it revokes nothing more", key, issuer)
 
 
 class Verifier:

@@ -187,7 +187,14 @@ def _parse_parameters(body: bytes) -> dict[str, str] | ProtocolViolation:
     params: dict[str, str] = {}
     try:
         for i in range(0, len(parts), 2):
-            params[parts[i].decode()] = parts[i + 1].decode()
+            name = parts[i].decode()
+            if name in params:
+                # The packet goes to the backend unchanged, and PostgreSQL reads repeated
+                # names its own way (replication=database then replication=true stays a
+                # database walsender): the policy must never judge other values than it does.
+                return ProtocolViolation(
+                    f"invalid startup packet: parameter \"{name[:64]}\" given twice")
+            params[name] = parts[i + 1].decode()
     except UnicodeDecodeError:
         return ProtocolViolation("invalid startup packet: parameters are not valid UTF-8")
     return params

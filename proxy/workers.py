@@ -72,7 +72,10 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 async def read_messages(sock: socket.socket,
                         on_message: Callable[[dict[str, Any]], None]) -> None:
-    """Messages from the main process until it closes the channel (it exited)."""
+    """Messages from the main process until it closes the channel (it exited: the parent
+    watch shuts this worker down). A message that does not parse means this worker can no
+    longer know which configuration is in force: it exits at once (status 3), so that the
+    main process restarts it with the current one, rather than serve on an old policy."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
         while True:
@@ -83,6 +86,10 @@ async def read_messages(sock: socket.socket,
             on_message(json.loads(await reader.readexactly(size)))
     except (asyncio.IncompleteReadError, ConnectionError):
         return
+    except (ValueError, KeyError, TypeError) as exc:
+        log.critical("control channel from the main process is corrupt (%s): exiting so "
+                     "that the main process restarts this worker", exc)
+        os._exit(3)
     finally:
         writer.close()
 
@@ -106,7 +113,12 @@ class Workers:
         self.backoff: dict[int, float] = {}
         self.started: dict[int, float] = {}
         self.loop = asyncio.get_running_loop()
-        self.sends: set[asyncio.Task[None]] = set()
+        # One writer per worker: a message is never written while another is half sent
+        # (two interleaved snapshots corrupt the channel); a newer snapshot replaces one not
+        # yet sent, since only the latest matters.
+        self.pending: dict[int, bytes] = {}
+        self.wakeups: dict[int, asyncio.Event] = {}
+        self.writers: dict[int, asyncio.Task[None]] = {}
         for slot in range(1, count):
             self._spawn(slot)
         self.watcher = self.loop.create_task(self.watch())
@@ -132,21 +144,37 @@ class Workers:
         self.procs[slot] = proc
         self.channels[slot] = ours
         self.started[slot] = time.monotonic()
+        old_writer = self.writers.pop(slot, None)
+        if old_writer is not None:
+            old_writer.cancel()
         self._send(slot, config_message(self.current()))
         log.info("worker %d started (pid %d)", slot, proc.pid)
 
     def _send(self, slot: int, data: bytes) -> None:
-        channel = self.channels[slot]
+        self.pending[slot] = data
+        if slot not in self.writers or self.writers[slot].done():
+            self.wakeups[slot] = asyncio.Event()
+            self.writers[slot] = self.loop.create_task(self._writer(slot, self.channels[slot],
+                                                                    self.procs[slot]))
+        self.wakeups[slot].set()
 
-        async def send() -> None:
+    async def _writer(self, slot: int, channel: socket.socket,
+                      proc: subprocess.Popen[bytes]) -> None:
+        while self.channels.get(slot) is channel:
+            await self.wakeups[slot].wait()
+            self.wakeups[slot].clear()
+            data = self.pending.pop(slot, None)
+            if data is None:
+                continue
             try:
                 await self.loop.sock_sendall(channel, data)
-            except OSError as exc:  # the worker died; watch() restarts it with the config
-                log.warning("worker %d did not take the configuration: %s", slot, exc)
-
-        task = self.loop.create_task(send())
-        self.sends.add(task)
-        task.add_done_callback(self.sends.discard)
+            except OSError as exc:
+                # A worker that cannot be told the configuration must not serve on an old
+                # one: stop it; watch() starts it again with the one in force.
+                log.error("worker %d did not take the configuration (%s): restarting it",
+                          slot, exc)
+                proc.kill()
+                return
 
     def push(self, snap: Snapshot) -> None:
         """A reload the main process validated: every worker applies the same snapshot."""
@@ -186,6 +214,8 @@ class Workers:
 
     def stop(self) -> None:
         self.watcher.cancel()  # no restarts while stopping
+        for writer in self.writers.values():
+            writer.cancel()
         self.signal(signal.SIGTERM)
 
     async def wait(self, timeout: float) -> bool:

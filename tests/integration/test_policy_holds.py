@@ -278,6 +278,39 @@ def test_workers_never_read_an_unvalidated_file(start_proxy: Callable[..., Proxy
     assert proxy.http("/healthz")[0] == 200
 
 
+def test_quick_reloads_of_a_large_snapshot_reach_every_worker(start_proxy: Callable[..., Proxy],
+                                                               pki3: Pki, tmp_path: Path) -> None:
+    """Snapshots larger than a socket buffer, pushed twice in a row: they must not interleave
+    on the control channel, and the last reload (revoking a certificate) holds everywhere."""
+    import re
+
+    crls = tmp_path / "crls"
+    crls.mkdir()
+    (crls / "root.pem").write_bytes(pki3.crl_pem(crlkit.make_crl(pki3.root, [])))
+    (crls / "README").write_bytes(os.urandom(6 * 1024 * 1024))  # not a CRL: skipped, but sent
+    proxy = start_proxy(tls=pki3.tls(ssl_crl_dir=str(crls)), listen={"workers": 2})
+    wait_both_listen(proxy)
+    proxy.signal(signal.SIGHUP)
+    time.sleep(0.05)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_metric("dwsproxy_config_reloads_total", 2, result="success", timeout=30)
+    (crls / "root.pem").write_bytes(pki3.crl_pem(crlkit.make_crl(
+        pki3.root, [pki3.serial["revoked"]], number=2)))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_metric("dwsproxy_config_reloads_total", 3, result="success", timeout=30)
+    deadline = time.monotonic() + 30
+    while True:  # both processes say they run the newest snapshot
+        shas = re.findall(r"configuration in force: \S+ sha256=(\w+)", proxy.log())
+        if shas and shas.count(shas[-1]) >= 2:
+            break
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        time.sleep(0.1)
+    for _ in range(16):
+        proc = psql(proxy.port, pki3, "revoked")
+        assert proc.returncode != 0 and "certificate revoked" in proc.stderr, proc.stderr
+    assert "corrupt" not in proxy.log()
+
+
 def test_max_connections_share_follows_the_processes_running(start_proxy: Callable[..., Proxy],
                                                              pki3: Pki) -> None:
     """workers = 2 and max_connections = 4: each process admits 2. A reload that says
@@ -339,6 +372,32 @@ def test_reload_revoking_a_certificate_closes_its_open_session(
     finally:
         doomed.close()
         kept.close()
+
+
+def test_reload_reaches_a_connection_still_negotiating(start_proxy: Callable[..., Proxy],
+                                                      pki3: Pki, tmp_path: Path) -> None:
+    """Handshake done before the revoking reload, StartupMessage after it: refused."""
+    import ssl
+
+    from conftest import error_fields, read_message
+
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(pki3.crl_pem(crlkit.make_crl(pki3.root, [])))
+    proxy = start_proxy(tls=pki3.tls(ssl_crl_file=str(crl)))
+    ctx = ssl.create_default_context(cafile=str(pki3.dir / "root.pem"))
+    ctx.load_cert_chain(pki3.dir / "revoked.crt", pki3.dir / "revoked.key")
+    sock = raw_connect(proxy.port)
+    sock.sendall(wire.build_request(wire.SSL_REQUEST_CODE))
+    assert sock.recv(1) == b"S"
+    with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        crl.write_bytes(pki3.crl_pem(crlkit.make_crl(pki3.root, [pki3.serial["revoked"]],
+                                                     number=2)))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_metric("dwsproxy_config_reloads_total", 1, result="success")
+        tls.sendall(wire.build_startup_message({"user": "postgres", "database": "postgres"}))
+        fields = error_fields(*read_message(tls))
+        assert fields["C"] == "28000" and "certificate revoked" in fields["M"], fields
+    assert reached_backend(proxy) == 0
 
 
 def test_reload_with_rules_refusing_an_open_session_closes_it(

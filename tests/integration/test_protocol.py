@@ -202,6 +202,48 @@ def test_direct_tls_without_alpn_fails_the_handshake(proxy: Proxy, pki: Path,
     proxy.wait_metric("dwsproxy_connections_rejected_total", before + 1, reason="tls_handshake")
 
 
+def split_client_hello_handshake(port: int, ctx: ssl.SSLContext, pieces: int) -> str:
+    """A direct-TLS handshake whose ClientHello is cut into `pieces` TLS records (legal, and
+    how a reassembling check can be dodged); returns the client's error text or "ok"."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    record = outgoing.read()
+    body = record[5:]
+    step = -(-len(body) // pieces)
+    framed = b"".join(record[:3] + len(chunk).to_bytes(2, "big") + chunk
+                      for chunk in (body[i:i + step] for i in range(0, len(body), step)))
+    with raw_connect(port) as sock:
+        sock.sendall(framed)
+        for _ in range(50):
+            try:
+                client.do_handshake()
+                return "ok"
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    return "closed"
+                incoming.write(data)
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+            except ssl.SSLError as exc:
+                return str(exc)
+    return "no result"
+
+
+@pytest.mark.parametrize("offer", [None, ["http/1.1"]])
+def test_direct_tls_alpn_check_survives_a_split_client_hello(proxy: Proxy, pki: Path,
+                                                             offer: list[str] | None) -> None:
+    ctx = tls_client_context(pki)
+    if offer:
+        ctx.set_alpn_protocols(offer)
+    assert "no application protocol" in split_client_hello_handshake(proxy.port, ctx, 3)
+    good = tls_client_context(pki)
+    good.set_alpn_protocols(["postgresql"])
+    assert split_client_hello_handshake(proxy.port, good, 3) == "ok"
+
+
 def test_direct_tls_with_alpn_works(proxy: Proxy, pki: Path) -> None:
     ctx = tls_client_context(pki)
     ctx.set_alpn_protocols(["postgresql"])

@@ -226,3 +226,23 @@ def test_cancel_over_direct_tls_needs_alpn_and_a_good_certificate() -> None:
     revoked = facts(client_cert_error=("client_cert_revoked", "revoked"))
     assert policy.decide_cancel((), revoked) == policy.Reject(
         "client_cert_revoked", "28000", "revoked")
+
+
+def test_ipv4_peer_matches_an_ipv6_rule_in_mapped_form() -> None:
+    """PostgreSQL's check_ip: ::/0 covers IPv4 peers of a dual-stack listener too."""
+    rules = (Rule(index=1, address=ipaddress.ip_network("::/0"), action="reject"),
+             Rule(index=2, action="allow"))
+    decision = policy.decide(TlsConfig(), rules, facts(peer=ipaddress.ip_address("10.1.2.3")))
+    assert isinstance(decision, policy.Reject) and "rule #1" in decision.message
+
+
+def test_cancel_under_no_plaintext_rules_still_passes() -> None:
+    """hostnossl reject + hostssl allow: a libpq 15 (plaintext) cancel is not refused, an
+    unconditional reject of its address is."""
+    rules = (Rule(index=1, type="hostnossl", action="reject"),
+             Rule(index=2, type="hostssl", action="allow"))
+    plain = facts(encrypted=False, tls_version="", peer=ipaddress.ip_address("127.0.0.1"))
+    assert policy.decide_cancel(rules, plain) == policy.Allow(2)
+    blocked = (Rule(index=1, address=ipaddress.ip_network("127.0.0.0/8"), action="reject"),
+               *rules)
+    assert isinstance(policy.decide_cancel(blocked, plain), policy.Reject)

@@ -182,8 +182,9 @@ def test_crl_without_next_update_beside_nothing_else_names_why(setup: dict) -> N
 
 
 @pytest.mark.parametrize("names,expect", [({}, "yields no usable CRL"),
+                                          ({"README": b"junk"}, "yields no usable CRL"),
                                           ({"a.der": b"junk", "b.r1": b"junk"},
-                                           "yields no usable CRL")])
+                                           "a.der' is not a CRL")])
 def test_crl_dir_without_a_usable_crl_is_a_config_error(setup: dict, names: dict,
                                                         expect: str) -> None:
     d = setup["dir"] / "crls"
@@ -276,3 +277,45 @@ def test_no_ctypes_in_the_tls_layer() -> None:
     import inspect
 
     assert "ctypes" not in inspect.getsource(tls)
+
+
+def test_a_delta_openssl_would_ignore_cannot_hide_a_revocation(setup: dict) -> None:
+    """An empty base without Freshest CRL plus a delta revoking the leaf: OpenSSL never looks
+    at the delta, so the set is refused at load instead of letting the certificate in."""
+    _, serial = client_ctx(setup, setup["root"])
+    base = crlkit.make_crl(setup["root"], [], number=1)
+    delta = crlkit.make_crl(setup["root"], [serial], number=2, delta_of=1)
+    with pytest.raises(ConfigError) as info:
+        server_tls(setup, [base, delta])
+    assert "delta CRL" in str(info.value) and f"{serial:x}" in str(info.value)
+
+
+def test_a_corrupt_crl_in_the_folder_is_a_config_error(setup: dict) -> None:
+    d = setup["dir"] / "crls"
+    d.mkdir()
+    certs.write_crl(d / "old.pem", certs.make_crl(setup["root"]))
+    (d / "new.pem").write_bytes(b"-----BEGIN X509 CRL-----\nMIIB half written\n")
+    (d / "README").write_text("not a CRL: skipped")
+    cfg = TlsConfig(ssl_cert_file=str(setup["dir"] / "server.crt"),
+                    ssl_key_file=str(setup["dir"] / "server.key"),
+                    ssl_ca_file=str(setup["dir"] / "root.pem"), ssl_crl_dir=str(d),
+                    clientcert="verify-ca")
+    with pytest.raises(ConfigError) as info:
+        loader.server_tls(cfg, cert_requested=True)
+    assert "new.pem" in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
+def test_a_fifo_or_device_as_a_file_key_is_a_config_error(setup: dict, target: str) -> None:
+    import os
+
+    path = str(setup["dir"] / "ca.fifo")
+    if target == "fifo":
+        os.mkfifo(path)
+    else:
+        path = target
+    cfg = TlsConfig(ssl_cert_file=str(setup["dir"] / "server.crt"),
+                    ssl_key_file=str(setup["dir"] / "server.key"), ssl_ca_file=path,
+                    clientcert="verify-ca")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        loader.server_tls(cfg, cert_requested=True)

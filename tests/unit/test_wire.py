@@ -141,3 +141,11 @@ def test_replication_parameter_as_postgresql_reads_it(value: str, kind: str | No
     event, _ = wire.parse_startup_packet(packet)
     assert isinstance(event, wire.StartupMessage)
     assert event.replication == kind
+
+
+def test_repeated_parameter_is_refused() -> None:
+    """replication=database then replication=true: PostgreSQL opens a database walsender,
+    a policy reading the last value would see physical replication."""
+    body = struct.pack("!I", 3 << 16) + b"user\0u\0replication\0database\0replication\0true\0\0"
+    event, _ = wire.parse_startup_packet(struct.pack("!i", len(body) + 4) + body)
+    assert isinstance(event, wire.ProtocolViolation) and "given twice" in event.message
