@@ -154,6 +154,85 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Path(args.pid_file).unlink(missing_ok=True)
 
 
+def _view_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    host, port = "127.0.0.1", 9187
+    if args.view_config:
+        cfg = config_mod.parse(_read_or_exit(args.view_config), args.view_config)
+        host, port = cfg.metrics.host, cfg.metrics.port
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def _read_or_exit(path: str) -> str:
+    from . import snapshot
+
+    try:
+        return snapshot.read_text(path)
+    except config_mod.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """`dwsproxy sessions` / `dwsproxy status`: read the admin view and print it."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{_view_url(args)}/{args.command}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"dwsproxy {args.command}: cannot read {url}: {reason}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    elif args.command == "sessions":
+        print(_session_table(doc["sessions"]))
+    else:
+        print(_status_report(doc))
+    return 0
+
+
+def _session_table(sessions: list[dict[str, Any]]) -> str:
+    head = ("ID", "WORKER", "PEER", "STATE", "USER", "DATABASE", "APPLICATION", "TLS",
+            "CLIENT_CERT", "BACKEND_TLS", "STARTED", "IN", "OUT")
+    rows = [head] + [(s["id"], str(s["worker"]), s["peer"], s["state"], s["user"] or "",
+                      s["database"] or "", s["application_name"] or "",
+                      s["tls"] or "plaintext",
+                      (s["client_cert"] or {}).get("subject", ""), s["backend_tls"],
+                      s["started"], str(s["bytes_in"]), str(s["bytes_out"]))
+                     for s in sessions]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    return "\n".join([*lines, f"({len(sessions)} sessions)"])
+
+
+def _status_report(doc: dict[str, Any]) -> str:
+    cfg, reload = doc["config"], doc["reload"]
+    lines = [f"dwsproxy {doc['version']}",
+             f"configuration: {cfg['path']} sha256 {cfg['sha256']} (loaded {cfg['loaded_at']})",
+             f"synchronized:  {'yes' if doc['synchronized'] else 'NO'} "
+             f"({len(doc['workers'])} processes)"]
+    if reload["result"]:
+        lines.append(f"last reload:   {reload['result']} at {reload['at']}"
+                     + (f": {reload['error']}" if reload["error"] else ""))
+    for w in doc["workers"]:
+        lines.append(f"  pid {w['pid']}: " + (w["error"] if "error" in w else
+                     f"sha256 {w['config_sha256'][:12]}, {w['sessions']} sessions"))
+    lines.append("policy:        " + ", ".join(f"{k}={v}" for k, v in doc["policy"].items()))
+    for c in doc["certificates"]:
+        lines.append(f"certificate:   {c['role']:<14} {c['subject']}  not after {c['not_after']}")
+    for c in doc["crls"]:
+        lines.append(f"crl:           {c['issuer']}  next update {c['next_update']}")
+    return "\n".join(lines)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.file)
     print(f"config ok: {cfg.path}")
@@ -212,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP)")
     reload.add_argument("--pid-file", dest="pid_file", required=True)
 
+    for name, what in (("sessions", "list the open client connections (every worker)"),
+                       ("status", "the configuration in force, workers, policy, certificates")):
+        view = sub.add_parser(name, help=what)
+        view.add_argument("--url", default="", help="the [metrics] listener, e.g. "
+                          "http://127.0.0.1:9187 (default: from --config, else that)")
+        view.add_argument("--config", dest="view_config", default="",
+                          help="read [metrics] host/port from this config file")
+        view.add_argument("--json", action="store_true", help="print the JSON view as is")
     _add_certs_parser(sub)
     demo = sub.add_parser("demo", help="throwaway PostgreSQL + proxy + a live Table 3")
     demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
@@ -229,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args)
     if args.command == "reload":
         return cmd_reload(args)
+    if args.command in ("sessions", "status"):
+        return cmd_view(args)
     if args.command == "certs":
         from . import certs
 

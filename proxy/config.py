@@ -162,6 +162,7 @@ def address_matches(net: ipaddress.IPv4Network | ipaddress.IPv6Network,
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9187
+    admin: bool = True  # the read-only admin views (/sessions, /status, /)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ _TLS = {
     "ssl_ciphers": _as_str,
     "direct_ssl": _as_bool,
 }
-_METRICS = {"host": _as_str, "port": _port}
+_METRICS = {"host": _as_str, "port": _port, "admin": _as_bool}
 _PATH_KEYS = {
     "backend": ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
                 "sslkey_cipher_file", "sslkey_rand_file"),

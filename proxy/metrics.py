@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -216,9 +216,13 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-async def serve_http(host: str, port: int,
-                     healthy: Callable[[], bool]) -> asyncio.AbstractServer:
-    """GET /metrics (Prometheus text) and GET /healthz (200 or 503)."""
+AdminViews = Callable[[str], Awaitable[tuple[str, str, bytes] | None]]
+
+
+async def serve_http(host: str, port: int, healthy: Callable[[], bool],
+                     admin: AdminViews | None = None) -> asyncio.AbstractServer:
+    """GET /metrics (Prometheus text), GET /healthz (200 or 503), and the admin views
+    (admin.py) unless they are switched off."""
     reg = registry()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -237,7 +241,8 @@ async def serve_http(host: str, port: int,
                 status = "200 OK" if ok else "503 Service Unavailable"
                 ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
             else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+                view = await admin(path.decode("latin-1")) if admin is not None else None
+                status, ctype, body = view or ("404 Not Found", "text/plain", b"not found\n")
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n".encode()

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import admin, loader, metrics
 from . import backend as backend_mod
 from . import config as config_mod
-from . import loader, metrics
 from . import workers as workers_mod
 from .session import Session
 from .workers import MAIN_PID_ENV, WORKER_SIGNALS, Workers
@@ -61,6 +61,16 @@ class ServerState:
         self.live: set[Session] = set()  # sessions relaying
         self.tasks: set[asyncio.Task[None]] = set()
         self._cancel_tokens: dict[str, tuple[float, float]] = {}  # host -> (tokens, when)
+        self.sessions: dict[str, Session] = {}  # every open client connection, for /sessions
+        self._next_id = 0
+        self.last_reload: dict[str, object] = {"result": None, "at": None, "error": None}
+        self.loaded_at = _now_rfc3339()
+
+    def register(self, session: Session) -> str:
+        self._next_id += 1
+        sid = f"{os.getpid()}-{self._next_id}"
+        self.sessions[sid] = session
+        return sid
 
     @property
     def max_connections(self) -> int:
@@ -92,6 +102,7 @@ class ServerState:
         return False
 
     def session_ended(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
         self.open -= 1
         if session.startup is not None and session.outcome != "too_many_connections":
             self.admitted = max(0, self.admitted - 1)
@@ -250,7 +261,9 @@ def _reload(state: ServerState) -> Config | None:
         log.error("reload refused, the previous configuration stays in force: config error: %s",
                   exc)
         metrics.reload_failed()
+        state.last_reload = {"result": "failure", "at": _now_rfc3339(), "error": str(exc)}
         return None
+    state.last_reload = {"result": "success", "at": _now_rfc3339(), "error": None}
     if (new.listen.host, new.listen.port, new.listen.workers, new.metrics) != (
             old.listen.host, old.listen.port, old.listen.workers, old.metrics):
         log.warning("listen.host/port/workers and [metrics] changes take effect on restart only")
@@ -259,10 +272,15 @@ def _reload(state: ServerState) -> Config | None:
     return new
 
 
+def _now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _apply(state: ServerState, new: Config) -> None:
     """Put a validated configuration in force in this process: new sessions get it, and open
     ones are checked against it (revocation and rules reach open sessions)."""
     state.config = new
+    state.loaded_at = _now_rfc3339()
     log.info("configuration in force: %s sha256=%s", new.path,
              new.snapshot.sha256 if new.snapshot else "")
     for session in list(state.live):
@@ -271,16 +289,21 @@ def _apply(state: ServerState, new: Config) -> None:
             session.terminate(*verdict)
 
 
-def _worker_message(state: ServerState, message: dict[str, Any]) -> None:
-    """A configuration the main process validated, pushed after a good reload."""
+def _worker_message(state: ServerState, message: dict[str, Any]) -> dict[str, Any] | None:
+    """A configuration the main process validated, pushed after a good reload; or a query
+    for the admin views, answered with this process's part."""
+    if message.get("type") == "query":
+        return {"type": "reply", "id": message.get("id"),
+                "status": admin.process_status(state, str(message.get("kind")))}
     if message.get("type") != "config":
-        return
+        return None
     try:
         new = loader.build(workers_mod.snapshot_of(message))
     except config_mod.ConfigError as exc:  # the same bytes built in the main process
         log.error("configuration from the main process refused: %s", exc)
-        return
+        return None
     _apply(state, new)
+    return None
 
 
 async def _drain(state: ServerState, grace: float) -> None:
@@ -326,7 +349,9 @@ async def serve(cfg: Config, *, worker: bool = False,
             http = await metrics.serve_http(
                 cfg.metrics.host, cfg.metrics.port,
                 lambda: listener.accepting and health.ok
-                and (workers is None or workers.alive()))
+                and (workers is None or workers.alive()),
+                (lambda path: admin.handle(path, state, workers)) if cfg.metrics.admin
+                else None)
         except OSError as exc:
             log.error("cannot serve metrics on %s:%s: %s", cfg.metrics.host, cfg.metrics.port,
                       exc.strerror)

@@ -48,6 +48,8 @@ class Session:
         self.cfg: Config = state.config  # the config in force at accept, for the whole session
         self.loop = asyncio.get_running_loop()
         self.started = time.monotonic()
+        self.started_at = time.time()
+        self.id = state.register(self)
         self.client: Endpoint | None = None
         self.backend: Endpoint | None = None
         self.startup: wire.StartupMessage | None = None
@@ -531,6 +533,36 @@ class Session:
             if side is not None:
                 side.close()
 
+    # -- the admin view -------------------------------------------------------------------------
+    def view(self) -> dict[str, Any]:
+        """This connection as /sessions shows it (admin.md); never a secret."""
+        startup = self.startup
+        cert = self.client_cert
+        backend_tls = ""
+        if self.backend_encrypted and self.backend is not None and self.backend.transport:
+            sslobj = self.backend.transport.get_extra_info("ssl_object")
+            if sslobj is not None:
+                suite = sslobj.cipher()
+                backend_tls = f"{sslobj.version()}/{suite[0] if suite else ''}"
+        c2b = self.client.received if self.client else 0
+        b2c = self.backend.received if self.backend else 0
+        return {
+            "id": self.id, "worker": _PID, "peer": self.peer_addr,
+            "state": "relaying" if self.linked else "negotiating",
+            "user": startup.user if startup else None,
+            "database": startup.database if startup else None,
+            "application_name": startup.application_name if startup else None,
+            "encryption": "tls" if self.encrypted else "plain",
+            "tls": f"{self.tls_version}/{self.cipher}" if self.encrypted else "",
+            "tls_version": self.tls_version, "cipher": self.cipher, "direct": self.direct,
+            "client_cert": None if cert is None else {
+                "subject": cert.subject, "issuer": cert.issuer, "serial": f"{cert.serial:x}",
+                "not_after": _rfc3339(cert.not_after)},
+            "backend_tls": backend_tls,
+            "started": _rfc3339(self.started_at),
+            "bytes_in": c2b, "bytes_out": b2c,
+        }
+
     # -- a reload reaching an open session ------------------------------------------------------
     def recheck(self, new: Config) -> tuple[str, str] | None:
         """(reason, message) when the configuration `new` must end this open session: its
@@ -630,6 +662,10 @@ class Session:
         }
         level = logging.DEBUG if self.outcome == "empty" else logging.INFO
         log.log(level, "connection closed", extra={"fields": fields})
+
+
+def _rfc3339(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 TERMINATE_WAIT = 3.0  # seconds a terminated session may take to reach a message boundary

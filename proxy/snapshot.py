@@ -50,6 +50,11 @@ class Snapshot:
             raise ConfigError(key, f"'{path}' is not part of the configuration read") from None
 
     @property
+    def file_sha256(self) -> str:
+        """sha256 of the config file's bytes, as `sha256sum` prints it."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
     def sha256(self) -> str:
         """One digest of the text and every file: equal digests mean the same configuration."""
         digest = hashlib.sha256(self.text.encode())

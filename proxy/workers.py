@@ -71,7 +71,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
 
 
 async def read_messages(sock: socket.socket,
-                        on_message: Callable[[dict[str, Any]], None]) -> None:
+                        on_message: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
     """Messages from the main process until it closes the channel (it exited: the parent
     watch shuts this worker down). A message that does not parse means this worker can no
     longer know which configuration is in force: it exits at once (status 3), so that the
@@ -83,7 +83,9 @@ async def read_messages(sock: socket.socket,
             (size,) = struct.unpack("!I", head)
             if size > MAX_MESSAGE:
                 raise ValueError(f"control message of {size} bytes")
-            on_message(json.loads(await reader.readexactly(size)))
+            reply = on_message(json.loads(await reader.readexactly(size)))
+            if reply is not None:  # an answer to the main process's query (admin views)
+                writer.write(encode(reply))
     except (asyncio.IncompleteReadError, ConnectionError):
         return
     except (ValueError, KeyError, TypeError) as exc:
@@ -117,8 +119,12 @@ class Workers:
         # (two interleaved snapshots corrupt the channel); a newer snapshot replaces one not
         # yet sent, since only the latest matters.
         self.pending: dict[int, bytes] = {}
+        self.queries: dict[int, list[bytes]] = {}  # never coalesced, sent after the config
         self.wakeups: dict[int, asyncio.Event] = {}
         self.writers: dict[int, asyncio.Task[None]] = {}
+        self.readers: dict[int, asyncio.Task[None]] = {}
+        self.answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
+        self._query_id = 0
         for slot in range(1, count):
             self._spawn(slot)
         self.watcher = self.loop.create_task(self.watch())
@@ -144,14 +150,20 @@ class Workers:
         self.procs[slot] = proc
         self.channels[slot] = ours
         self.started[slot] = time.monotonic()
-        old_writer = self.writers.pop(slot, None)
-        if old_writer is not None:
-            old_writer.cancel()
+        for tasks in (self.writers, self.readers):
+            old_task = tasks.pop(slot, None)
+            if old_task is not None:
+                old_task.cancel()
+        self.queries.pop(slot, None)
         self._send(slot, config_message(self.current()))
+        self.readers[slot] = self.loop.create_task(self._reader(slot, ours))
         log.info("worker %d started (pid %d)", slot, proc.pid)
 
-    def _send(self, slot: int, data: bytes) -> None:
-        self.pending[slot] = data
+    def _send(self, slot: int, data: bytes, *, query: bool = False) -> None:
+        if query:
+            self.queries.setdefault(slot, []).append(data)
+        else:
+            self.pending[slot] = data
         if slot not in self.writers or self.writers[slot].done():
             self.wakeups[slot] = asyncio.Event()
             self.writers[slot] = self.loop.create_task(self._writer(slot, self.channels[slot],
@@ -163,8 +175,8 @@ class Workers:
         while self.channels.get(slot) is channel:
             await self.wakeups[slot].wait()
             self.wakeups[slot].clear()
-            data = self.pending.pop(slot, None)
-            if data is None:
+            data = self.pending.pop(slot, b"") + b"".join(self.queries.pop(slot, []))
+            if not data:
                 continue
             try:
                 await self.loop.sock_sendall(channel, data)
@@ -175,6 +187,56 @@ class Workers:
                           slot, exc)
                 proc.kill()
                 return
+
+    async def _reader(self, slot: int, channel: socket.socket) -> None:
+        """Answers from a worker to queries (admin views)."""
+        buf = bytearray()
+        while True:
+            try:
+                chunk = await self.loop.sock_recv(channel, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while len(buf) >= 4:
+                size = struct.unpack_from("!I", buf)[0]
+                if size > MAX_MESSAGE:
+                    return
+                if len(buf) < 4 + size:
+                    break
+                try:
+                    message = json.loads(bytes(buf[4:4 + size]))
+                except ValueError:
+                    return
+                del buf[:4 + size]
+                future = self.answers.pop((slot, message.get("id", -1)), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+
+    async def query(self, kind: str, timeout: float) -> list[dict[str, Any]]:
+        """Ask every worker for its status (kind "status") or its sessions too ("sessions");
+        a worker that does not answer within `timeout` is listed as such, never waited for
+        longer."""
+        self._query_id += 1
+        qid = self._query_id
+        waits: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        for slot in self.procs:
+            future = self.answers[(slot, qid)] = self.loop.create_future()
+            waits[slot] = future
+            self._send(slot, encode({"type": "query", "id": qid, "kind": kind}), query=True)
+        if waits:
+            await asyncio.wait(list(waits.values()), timeout=timeout)
+        out = []
+        for slot, future in waits.items():
+            self.answers.pop((slot, qid), None)
+            if future.done():
+                out.append(dict(future.result().get("status", {})))
+            else:
+                future.cancel()
+                out.append({"pid": self.procs[slot].pid, "error": "no answer within "
+                            f"{timeout:g}s"})
+        return out
 
     def push(self, snap: Snapshot) -> None:
         """A reload the main process validated: every worker applies the same snapshot."""
@@ -214,8 +276,8 @@ class Workers:
 
     def stop(self) -> None:
         self.watcher.cancel()  # no restarts while stopping
-        for writer in self.writers.values():
-            writer.cancel()
+        for task in (*self.writers.values(), *self.readers.values()):
+            task.cancel()
         self.signal(signal.SIGTERM)
 
     async def wait(self, timeout: float) -> bool:

@@ -66,7 +66,8 @@ class Proxy:
 
     def __init__(self, folder: Path, pg_port: int, pki: Path, *, tls: dict[str, Any] | None = None,
                  listen: dict[str, Any] | None = None, backend: dict[str, Any] | None = None,
-                 rules: list[dict[str, Any]] | None = None, args: list[str] | None = None) -> None:
+                 rules: list[dict[str, Any]] | None = None, args: list[str] | None = None,
+                 metrics: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.port = free_port()
         self.metrics_port = free_port()
@@ -77,7 +78,7 @@ class Proxy:
                         **(backend or {})},
             "tls": {"ssl_cert_file": str(pki / "server.crt"),
                     "ssl_key_file": str(pki / "server.key"), **(tls or {})},
-            "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
+            "metrics": {"host": "127.0.0.1", "port": self.metrics_port, **(metrics or {})},
         }
         text = ""
         for name, values in sections.items():

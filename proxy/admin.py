@@ -1,0 +1,186 @@
+"""The read-only admin views on the `[metrics]` listener: GET /sessions, /status and /.
+
+Owns: what each process reports about itself (its configuration's digests, its sessions),
+gathering that from every worker through the main process (a worker that does not answer in
+time is shown as such and never blocks the page), and the small self-contained HTML status
+page. Must not change anything, and never shows a key, a passphrase or a password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import ServerState
+    from .workers import Workers
+
+WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
+
+
+def version() -> str:
+    try:
+        return metadata.version("dwsproxy")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
+
+
+def process_status(state: ServerState, kind: str) -> dict[str, Any]:
+    """This process's part of a view: kind "status" or "sessions" (with the session list)."""
+    snap = state.config.snapshot
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "config_sha256": snap.file_sha256 if snap else "",
+        "snapshot_sha256": snap.sha256 if snap else "",
+        "sessions": len(state.sessions),
+    }
+    if kind == "sessions":
+        out["session_list"] = [s.view() for s in list(state.sessions.values())]
+    return out
+
+
+async def _all(state: ServerState, workers: Workers | None, kind: str) -> list[dict[str, Any]]:
+    mine = [process_status(state, kind)]
+    return mine + (await workers.query(kind, WORKER_TIMEOUT) if workers is not None else [])
+
+
+async def sessions_view(state: ServerState, workers: Workers | None) -> dict[str, Any]:
+    parts = await _all(state, workers, "sessions")
+    listed = [s for p in parts for s in p.get("session_list", [])]
+    listed.sort(key=lambda s: (s["started"], s["id"]))
+    missing = [{"pid": p["pid"], "error": p["error"]} for p in parts if "error" in p]
+    return {"sessions": listed, **({"unanswered_workers": missing} if missing else {})}
+
+
+async def status_view(state: ServerState, workers: Workers | None) -> dict[str, Any]:
+    cfg = state.config
+    snap = cfg.snapshot
+    parts = await _all(state, workers, "status")
+    in_force = snap.sha256 if snap else ""
+    procs = [{"pid": p["pid"], "config_sha256": p.get("config_sha256"),
+              "sessions": p.get("sessions"), **({"error": p["error"]} if "error" in p else {})}
+             for p in parts]
+    certificates: list[dict[str, Any]] = []
+    crls: list[dict[str, Any]] = []
+    st, bt = cfg.server_tls, cfg.backend_tls
+    if st is not None:
+        certificates.append(_cert("server", st.server_cert))
+        certificates += [_cert("ca", c) for c in st.ca_certs]
+        crls = [{"issuer": c.issuer, "next_update": _time(c.next_update)} for c in st.crls]
+    if bt is not None:
+        certificates += [_cert("backend_ca", c) for c in bt.ca_certs]
+        if bt.client_cert is not None:
+            certificates.append(_cert("backend_client", bt.client_cert))
+    return {
+        "version": version(),
+        "config": {"path": cfg.path, "sha256": snap.file_sha256 if snap else "",
+                   "snapshot_sha256": in_force, "loaded_at": state.loaded_at},
+        "reload": state.last_reload,
+        "workers": procs,
+        "synchronized": all(p.get("snapshot_sha256") == in_force for p in parts),
+        "policy": {"ssl": cfg.tls.ssl, "require_ssl": cfg.tls.require_ssl,
+                   "clientcert": cfg.tls.clientcert, "rules": len(cfg.rules),
+                   "backend_sslmode": cfg.backend.sslmode},
+        "certificates": certificates,
+        "crls": crls,
+    }
+
+
+def _time(when: float | None) -> str | None:
+    import time
+
+    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _cert(role: str, facts: Any) -> dict[str, Any]:
+    return {"role": role, "subject": facts.subject, "not_after": _time(facts.not_after)}
+
+
+async def handle(path: str, state: ServerState,
+                 workers: Workers | None) -> tuple[str, str, bytes] | None:
+    """(status, content type, body) of an admin view, or None when `path` is not one."""
+    if path == "/sessions":
+        doc = await sessions_view(state, workers)
+    elif path == "/status":
+        doc = await status_view(state, workers)
+    elif path == "/":
+        return "200 OK", "text/html; charset=utf-8", PAGE.encode()
+    else:
+        return None
+    return "200 OK", "application/json", json.dumps(doc, indent=1).encode()
+
+
+# The status page: no external assets, it renders /status and /sessions and refreshes itself.
+# Every value is put into the page as text (textContent), never as HTML: user names,
+# application names and certificate subjects come from clients.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dwsproxy status</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.4em}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f3f3f3}.plain{background:#ffe7e7}.ok{color:#176a1e}.bad{color:#b00020}
+.muted{color:#777}
+</style></head><body>
+<h1>dwsproxy <span id="version" class="muted"></span></h1>
+<p id="sync"></p>
+<h2>Policy</h2><table id="policy"></table>
+<h2>Certificates</h2><table id="certs"><tr><th>role</th><th>subject</th>
+<th>not after</th><th>days left</th></tr></table>
+<h2>Sessions <span id="count" class="muted"></span></h2>
+<table id="sessions"><tr><th>peer</th><th>state</th><th>user</th><th>database</th>
+<th>application</th><th>encryption</th><th>client certificate</th><th>backend TLS</th>
+<th>started</th><th>bytes in/out</th></tr></table>
+<p class="muted">Plaintext sessions are marked. Refreshes every 5 s.</p>
+<script>
+"use strict";
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (cls) td.className = cls;
+  row.appendChild(td);
+}
+function clear(table) { while (table.rows.length > 1) table.deleteRow(1); }
+async function refresh() {
+  try {
+    const [status, sessions] = await Promise.all([
+      fetch("/status").then(r => r.json()), fetch("/sessions").then(r => r.json())]);
+    document.getElementById("version").textContent = status.version;
+    const sync = document.getElementById("sync");
+    sync.textContent = (status.synchronized ? "synchronized" : "NOT synchronized") +
+      ": configuration " + status.config.sha256.slice(0, 12) + " in " +
+      status.workers.length + " process(es)" +
+      (status.reload.result ? "; last reload: " + status.reload.result : "");
+    sync.className = status.synchronized ? "ok" : "bad";
+    const policy = document.getElementById("policy");
+    policy.textContent = "";
+    for (const [k, v] of Object.entries(status.policy)) {
+      const row = policy.insertRow(); cell(row, k); cell(row, v);
+    }
+    const certs = document.getElementById("certs"); clear(certs);
+    for (const c of status.certificates) {
+      const row = certs.insertRow();
+      const days = Math.floor((Date.parse(c.not_after) - Date.now()) / 86400000);
+      cell(row, c.role); cell(row, c.subject); cell(row, c.not_after);
+      cell(row, days, days < 14 ? "bad" : "");
+    }
+    const table = document.getElementById("sessions"); clear(table);
+    document.getElementById("count").textContent = "(" + sessions.sessions.length + ")";
+    for (const s of sessions.sessions) {
+      const row = table.insertRow();
+      if (s.encryption === "plain") row.className = "plain";
+      cell(row, s.peer); cell(row, s.state); cell(row, s.user); cell(row, s.database);
+      cell(row, s.application_name); cell(row, s.encryption === "tls" ? s.tls : "plaintext");
+      cell(row, s.client_cert ? s.client_cert.subject : ""); cell(row, s.backend_tls);
+      cell(row, s.started); cell(row, s.bytes_in + " / " + s.bytes_out);
+    }
+  } catch (err) {
+    document.getElementById("sync").textContent = "cannot read the views: " + err;
+  }
+}
+refresh();
+setInterval(refresh, 5000);
+</script></body></html>
+"""
