@@ -1,8 +1,8 @@
 """Command line: argument parsing, logging set-up, exit codes.
 
-Owns: `dwsproxy --config FILE`, `check-config`, `reload`, `certs …` and `demo`; choosing uvloop;
-setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported. Exit status 2 for a
-config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise.
+Owns: `dwsproxy --config FILE`, `--version`, `check-config`, `reload`, `certs …` and `demo`;
+choosing uvloop; setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported. Exit
+status 2 for a config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise.
 """
 
 from __future__ import annotations
@@ -274,10 +274,21 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dwsproxy")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsproxy",
         description="TLS-terminating SSL policy proxy for the PostgreSQL wire protocol")
+    parser.add_argument("--version", action="version", version=f"dwsproxy {version()}")
     parser.add_argument("--config", help="TOML configuration file (runs the proxy)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])

@@ -25,6 +25,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsproxy.metrics")
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+# No `_created` series: one per counter/histogram series doubles what Prometheus stores, and a
+# counter's reset already shows a restart. Called before any metric below is declared.
+disable_created_metrics()  # type: ignore[no-untyped-call,unused-ignore]
 
 REJECT_REASONS = (
     "ssl_required", "ssl_disabled", "client_cert_missing", "client_cert_invalid",

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import admin, loader, metrics
+from . import admin, loader, metrics, sdnotify
 from . import backend as backend_mod
 from . import config as config_mod
 from . import workers as workers_mod
@@ -377,7 +377,9 @@ async def serve(cfg: Config, *, worker: bool = False,
         if worker:
             log.info("SIGHUP ignored by a worker: the main process reloads and informs it")
             return
+        sdnotify.notify("RELOADING=1")
         new = _reload(state)
+        sdnotify.notify("READY=1")
         if new is not None and new.snapshot is not None and workers is not None:
             workers.push(new.snapshot)
 
@@ -385,7 +387,11 @@ async def serve(cfg: Config, *, worker: bool = False,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked by Workers._spawn
+    if not worker:  # listening, serving metrics, and SIGHUP no longer kills: ready
+        sdnotify.notify("READY=1")
     await stop.wait()
+    if not worker:
+        sdnotify.notify("STOPPING=1")
     log.info("shutting down: no new connections; %d open, waiting up to %.0fs",
              len(state.tasks), cfg.listen.shutdown_grace)
     listener.close()
