@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import admin
 from . import config as config_mod
 
 log = logging.getLogger("dwsproxy")
@@ -274,21 +275,11 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 
-def version() -> str:
-    """The installed package's version (pyproject.toml's, through the package metadata)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("dwsproxy")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsproxy",
         description="TLS-terminating SSL policy proxy for the PostgreSQL wire protocol")
-    parser.add_argument("--version", action="version", version=f"dwsproxy {version()}")
+    parser.add_argument("--version", action="version", version=f"dwsproxy {admin.version()}")
     parser.add_argument("--config", help="TOML configuration file (runs the proxy)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
