@@ -1,4 +1,4 @@
-"""Every metric of ../shared/spec/metrics.md, declared once, and the HTTP endpoint serving them.
+"""Every metric of docs/metrics.md, declared once, and the HTTP endpoint serving them.
 
 Owns: metric objects and their label values, the byte counters' periodic flush, and the tiny
 HTTP server for GET /metrics and GET /healthz. Must not decide policy or touch client sockets.
