@@ -14,6 +14,7 @@ import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -212,6 +213,70 @@ def encrypt_key(key_path: Path, stem: str, passphrase: bytes | None = None) -> t
     return cipher_path, rand_path
 
 
+BUNDLE_README = """Client bundle for {cn}, as the GaussDB(DWS) console hands it out.
+
+Unzip it (unzip keeps client.key at mode 0600; libpq refuses a key others can read), then:
+
+    export PGSSLCERT="$PWD/sslcert/client.crt"
+    export PGSSLKEY="$PWD/sslcert/client.key"
+    export PGSSLMODE="verify-ca"
+    export PGSSLROOTCERT="$PWD/sslcert/cacert.pem"
+
+JDBC: sslcert=sslcert/client.crt sslkey=sslcert/client.key.pk8 (DER PKCS#8).
+{encrypted}"""
+
+_ENCRYPTED_NOTE = """
+client.key and client.key.pk8 are encrypted. Their passphrase is in the openGauss pair
+client.key.cipher + client.key.rand beside them (gsql reads it there); for psql give it as
+PGSSLPASSWORD or sslpassword.
+"""
+
+
+def bundle(folder: Path, cn: str, out: Path, *, encrypt: bool = False, days: int = 825) -> Path:
+    """A zip of sslcert/{client.crt, client.key (0600), cacert.pem, client.key.pk8} and a README;
+    with `encrypt`, both keys encrypted and client.key.cipher + client.key.rand added (written
+    by `encrypt_key`, the same pair `certs encrypt-key` makes)."""
+    import secrets
+    import string
+    import tempfile
+    import zipfile
+
+    ca = load_ca(folder)
+    with tempfile.TemporaryDirectory(prefix="dwsproxy-bundle-") as tmp:
+        staging = Path(tmp)
+        cert, key = issue(ca, cn, days=days)
+        write_certs(staging / "client.crt", cert)
+        write_key(staging / "client.key", key)
+        write_certs(staging / "cacert.pem", ca[0])
+        names = ["client.crt", "client.key", "cacert.pem", "client.key.pk8"]
+        passphrase: bytes | None = None
+        if encrypt:
+            alphabet = string.ascii_letters + string.digits
+            passphrase = "".join(secrets.choice(alphabet) for _ in range(15)).encode()
+            encrypt_key(staging / "client.key", "client", passphrase)
+            names += ["client.key.cipher", "client.key.rand"]
+        write_key(staging / "client.key.pk8", key, passphrase=passphrase, der_pkcs8=True)
+        readme = BUNDLE_README.format(cn=cn, encrypted=_ENCRYPTED_NOTE if encrypt else "")
+        out.unlink(missing_ok=True)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(_member("README.txt", 0o644), readme)
+            for name in names:
+                secret = name.startswith("client.key")
+                zf.writestr(_member(f"sslcert/{name}", 0o600 if secret else 0o644),
+                            (staging / name).read_bytes())
+    return out
+
+
+def _member(name: str, mode: int) -> Any:
+    import zipfile
+
+    info = zipfile.ZipInfo(name, date_time=_now().timetuple()[:6])
+    info.external_attr = (0o100000 | mode) << 16  # unzip restores these modes (0600 keys)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
 def main(args: argparse.Namespace) -> int:
     folder = Path(getattr(args, "dir", "."))
     try:
@@ -221,6 +286,9 @@ def main(args: argparse.Namespace) -> int:
         elif args.certs_command == "client":
             path = write_client(folder, load_ca(folder), args.cn, args.days)
             print(f"certs: client certificate {path}")
+        elif args.certs_command == "bundle":
+            path = bundle(folder, args.cn, Path(args.out), encrypt=args.encrypt, days=args.days)
+            print(f"certs: client bundle for {args.cn} in {path}")
         elif args.certs_command == "encrypt-key":
             cipher, rand = encrypt_key(Path(args.key), args.stem)
             print(f"certs: {args.key} encrypted; its passphrase is in {cipher} + {rand}")

@@ -1,8 +1,9 @@
 """Command line: argument parsing, logging set-up, exit codes.
 
-Owns: `dwsproxy --config FILE`, `--version`, `check-config`, `reload`, `certs …` and `demo`;
-choosing uvloop; setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported. Exit
-status 2 for a config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise.
+Owns: `dwsproxy --config FILE`, `--version`, `check-config`, `reload`, `certs …`, `probe` and
+`demo`; choosing uvloop; setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported.
+Exit status 2 for a config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise
+(`probe` has its own: 1 for a failed --expect, 2 for an unreachable server).
 """
 
 from __future__ import annotations
@@ -269,6 +270,14 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p_enc.add_argument("--stem", default="client", choices=["client", "server"],
                        help="server: as openGauss finds it beside ssl_key_file; client: as "
                             "gsql finds it beside sslcert (default)")
+    p_bundle = csub.add_parser("bundle", help="a client bundle as the DWS console hands it out: "
+                               "sslcert/client.crt, client.key, cacert.pem, client.key.pk8")
+    p_bundle.add_argument("dir", help="the CA's directory (cacert.pem, cakey.pem)")
+    p_bundle.add_argument("--cn", required=True)
+    p_bundle.add_argument("--out", required=True, help="the .zip to write")
+    p_bundle.add_argument("--days", type=int, default=825)
+    p_bundle.add_argument("--encrypt", action="store_true", help="encrypt the key, its "
+                          "passphrase in a client.key.cipher + client.key.rand pair")
     p_revoke = csub.add_parser("revoke", help="add CERT to DIR/crl.pem and re-sign it")
     p_revoke.add_argument("dir")
     p_revoke.add_argument("cert")
@@ -302,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read [metrics] host/port from this config file")
         view.add_argument("--json", action="store_true", help="print the JSON view as is")
     _add_certs_parser(sub)
+    probe = sub.add_parser("probe", help="what a libpq client gets from a server with each "
+                           "sslmode, and the server's TLS facts")
+    probe.add_argument("conninfo", nargs="?", default="",
+                       help="libpq connection string or URI (PG* variables fill the rest)")
+    probe.add_argument("--json", action="store_true", help="one JSON object")
+    probe.add_argument("--expect", action="append", metavar="KEY=VALUE",
+                       help="exit 1 unless ssl, require_ssl, client_cert or min_tls is VALUE")
     demo = sub.add_parser("demo", help="throwaway PostgreSQL + proxy + a live Table 3")
     demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
     demo.add_argument("--no-wait", action="store_true",
@@ -324,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import certs
 
         return certs.main(args)
+    if args.command == "probe":
+        from . import probe
+
+        return probe.main(args)
     if args.command == "demo":
         from . import demo
 

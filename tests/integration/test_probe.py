@@ -1,0 +1,307 @@
+"""`dwsproxy probe` against real servers, with the real psql as the reference for every cell, and
+`dwsproxy certs bundle` unzipped and used by psql as its README says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from proxy import certs, gausskey
+from proxy.demo import SSLMODES, TempPostgres, free_port, wait_port
+
+from conftest import REPO, Proxy, clean_env, run_psql
+
+PG_HBA = """local all all trust
+hostssl all all 127.0.0.1/32 trust
+hostnossl all all 127.0.0.1/32 reject
+"""
+
+
+def pgbouncer_binary() -> str | None:
+    return shutil.which("pgbouncer") or next(
+        (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(p)), None)
+
+
+def run_probe(conninfo: str, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "probe", conninfo, *args],
+                          capture_output=True, text=True, env=env or clean_env(), cwd=REPO,
+                          timeout=60)
+
+
+def probe_json(conninfo: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = run_probe(conninfo, "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def psql_result(conninfo: str, sslmode: str) -> tuple[str, str]:
+    proc = run_psql(f"{conninfo} sslmode={sslmode} connect_timeout=10")
+    if proc.returncode != 0:
+        return "refused", proc.stderr.strip()
+    return ("tls" if "SSL connection (protocol:" in proc.stdout else "plaintext"), proc.stdout
+
+
+def conninfo_for(port: int, pki: Path) -> str:
+    return (f"host=localhost port={port} user=postgres dbname=postgres "
+            f"sslrootcert={pki / 'cacert.pem'}")
+
+
+@pytest.fixture(scope="module")
+def tls_postgres(pki: Path) -> Iterator[TempPostgres]:
+    files = {"server.crt": (pki / "server.crt").read_bytes(),
+             "server.key": (pki / "server.key").read_bytes()}
+    server = TempPostgres(hba=PG_HBA, files=files, extra_conf=(
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(pg: TempPostgres, pki: Path) -> Iterator[int]:
+    binary = pgbouncer_binary()
+    if binary is None:
+        pytest.fail("pgbouncer not installed (.ci/system-deps installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="dwsproxy-pgb-"))
+    os.chmod(folder, 0o755)
+    port = free_port()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(pki / name, folder / name)
+    (folder / "userlist.txt").write_text('"postgres" ""\n')
+    (folder / "pgbouncer.ini").write_text(f"""[databases]
+* = host=127.0.0.1 port={pg.port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {folder / 'userlist.txt'}
+pool_mode = session
+ignore_startup_parameters = extra_float_digits,options
+client_tls_sslmode = require
+client_tls_cert_file = {folder / 'server.crt'}
+client_tls_key_file = {folder / 'server.key'}
+server_tls_sslmode = disable
+logfile = {folder / 'pgbouncer.log'}
+""")
+    user = None
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root
+        user = "postgres"
+        for path in [folder, *folder.iterdir()]:
+            shutil.chown(path, "postgres", "postgres")
+    proc = subprocess.Popen([binary, str(folder / "pgbouncer.ini")], user=user, group=user,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, 15)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def servers(start_proxy: Callable[..., Proxy], tls_postgres: TempPostgres, pgbouncer: int,
+            pki: Path) -> dict[str, tuple[int, str, str]]:
+    """name -> (port, expected ssl, expected require_ssl)."""
+    on = start_proxy(tls={"ssl": True, "require_ssl": True})
+    off = start_proxy(tls={"ssl": False, "require_ssl": False})
+    return {"proxy-require_ssl": (on.port, "on", "on"),
+            "proxy-ssl-off": (off.port, "off", "off"),
+            "postgresql-hostnossl-reject": (tls_postgres.port, "on", "on"),
+            "pgbouncer-require": (pgbouncer, "on", "on")}
+
+
+@pytest.mark.parametrize("name", ["proxy-require_ssl", "proxy-ssl-off",
+                                  "postgresql-hostnossl-reject", "pgbouncer-require"])
+def test_every_cell_is_what_psql_gets(servers: dict[str, tuple[int, str, str]], pki: Path,
+                                      name: str) -> None:
+    port, want_ssl, want_require = servers[name]
+    conninfo = conninfo_for(port, pki)
+    with ThreadPoolExecutor(len(SSLMODES) + 1) as pool:
+        report_f = pool.submit(probe_json, conninfo)
+        psql = dict(zip(SSLMODES, pool.map(lambda m: psql_result(conninfo, m), SSLMODES),
+                        strict=True))
+        report = report_f.result()
+    assert [c["sslmode"] for c in report["cells"]] == list(SSLMODES)
+    for cell in report["cells"]:
+        assert cell["result"] == psql[cell["sslmode"]][0], (name, cell, psql[cell["sslmode"]])
+    assert report["ssl"] == want_ssl
+    assert report["require_ssl"] == want_require
+    if want_require == "on":
+        assert report["cells"][0]["detail"], "a refusal carries the server's text"
+        assert "plaintext accepted" not in " ".join(report["findings"])
+
+
+def test_table_output_is_aligned(servers: dict[str, tuple[int, str, str]], pki: Path) -> None:
+    proc = run_probe(conninfo_for(servers["proxy-require_ssl"][0], pki))
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.split(" ", 1)[0] in SSLMODES]
+    assert [r.split()[0] for r in rows] == list(SSLMODES)
+    assert len({r.index(r.split()[1]) for r in rows}) == 1, rows  # one column for results
+    assert "Inferred policy: ssl = on, require_ssl = on" in proc.stdout
+
+
+def test_tls_facts_of_a_sound_proxy(servers: dict[str, tuple[int, str, str]], pki: Path) -> None:
+    report = probe_json(conninfo_for(servers["proxy-require_ssl"][0], pki))
+    assert report["tls_versions"] == {"TLSv1": False, "TLSv1.1": False, "TLSv1.2": True,
+                                      "TLSv1.3": True}
+    assert report["tls12_ciphers"] and all("GCM" in c or "CHACHA20" in c
+                                           for c in report["tls12_ciphers"])
+    cert = report["certificate"]
+    assert cert["chain_verified"] and cert["hostname_ok"]
+    assert "CN=localhost" in cert["subject"]
+    assert 820 <= cert["days_left"] <= 825
+    assert report["client_cert"] == "none"
+    assert report["direct_ssl"] is True
+    assert report["findings"] == []
+
+
+def test_cbc_suite_and_expiring_certificate_are_findings(
+        start_proxy: Callable[..., Proxy], tmp_path: Path, pki: Path) -> None:
+    ca = certs.load_ca(pki)
+    cert, key = certs.issue(ca, "localhost", server=True, days=10)
+    certs.write_certs(tmp_path / "short.crt", cert)
+    certs.write_key(tmp_path / "short.key", key)
+    proxy = start_proxy(tls={"ssl_ciphers": "ECDHE-ECDSA-AES128-SHA256",
+                             "ssl_cert_file": str(tmp_path / "short.crt"),
+                             "ssl_key_file": str(tmp_path / "short.key")})
+    report = probe_json(conninfo_for(proxy.port, pki))
+    assert report["tls12_ciphers"] == ["ECDHE-ECDSA-AES128-SHA256"]
+    assert report["certificate"]["days_left"] in (9, 10)
+    findings = " | ".join(report["findings"])
+    assert "CBC suites accepted: ECDHE-ECDSA-AES128-SHA256" in findings
+    assert f"certificate expires in {report['certificate']['days_left']} days" in findings
+
+
+def test_untrusted_root_is_a_finding(servers: dict[str, tuple[int, str, str]], pki: Path,
+                                     tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    certs.init(other)
+    report = probe_json(f"host=127.0.0.1 port={servers['proxy-require_ssl'][0]} user=postgres "
+                        f"sslrootcert={other / 'cacert.pem'}")
+    assert report["certificate"]["chain_verified"] is False
+    assert report["certificate"]["hostname_ok"] is True  # the certificate has an IP SAN
+    assert [c["result"] for c in report["cells"][3:]] == ["refused"] * 3
+    assert "certificate chain not verified against sslrootcert" in report["findings"]
+
+
+@pytest.mark.parametrize(("clientcert", "want"), [
+    ("none", "none"), ("optional", "optional"), ("verify-ca", "required")])
+def test_client_cert(start_proxy: Callable[..., Proxy], pki: Path, clientcert: str,
+                     want: str) -> None:
+    tls = {"clientcert": clientcert}
+    if clientcert != "none":
+        tls["ssl_ca_file"] = str(pki / "cacert.pem")
+    proxy = start_proxy(tls=tls)
+    report = probe_json(conninfo_for(proxy.port, pki))
+    assert report["client_cert"] == want
+    if want == "required":
+        assert all(c["result"] == "refused" for c in report["cells"])
+        with_cert = probe_json(f"{conninfo_for(proxy.port, pki)} "
+                               f"sslcert={pki / 'client.crt'} sslkey={pki / 'client.key'}")
+        assert [c["result"] for c in with_cert["cells"][1:]] == ["tls"] * 5
+
+
+def test_expect_exit_codes(servers: dict[str, tuple[int, str, str]], pki: Path) -> None:
+    conninfo = conninfo_for(servers["proxy-require_ssl"][0], pki)
+    ok = run_probe(conninfo, "--expect", "ssl=on", "--expect", "require_ssl=on",
+                   "--expect", "client_cert=none", "--expect", "min_tls=TLSv1.2")
+    assert ok.returncode == 0, ok.stderr
+    drift = run_probe(conninfo, "--json", "--expect", "require_ssl=off", "--expect",
+                      "min_tls=1.3")
+    assert drift.returncode == 1
+    assert drift.stderr.splitlines() == ["probe: expected require_ssl=off, got require_ssl=on",
+                                         "probe: expected min_tls=TLSv1.3, got min_tls=TLSv1.2"]
+    json.loads(drift.stdout)  # the report is still printed
+
+
+def test_closed_port_exits_2_with_one_line() -> None:
+    port = free_port()
+    proc = run_probe(f"host=127.0.0.1 port={port} user=postgres")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"probe: cannot reach 127.0.0.1:{port}: [Errno 111] Connection refused"]
+
+
+def _unzip(bundle: Path, into: Path) -> None:
+    unzip = shutil.which("unzip")
+    if unzip is None:
+        pytest.fail("unzip not installed (.ci/system-deps installs it)")
+    subprocess.run([unzip, "-q", str(bundle), "-d", str(into)], check=True)
+
+
+def _export_env(readme: str, folder: Path) -> dict[str, str]:
+    env = clean_env()
+    for name, value in re.findall(r'^\s*export (PGSSL\w+)="([^"]*)"', readme, re.M):
+        env[name] = value.replace("$PWD", str(folder))
+    return env
+
+
+def test_bundle_is_what_psql_uses(start_proxy: Callable[..., Proxy], pki: Path,
+                                  tmp_path: Path) -> None:
+    out = tmp_path / "bundle.zip"
+    made = subprocess.run([sys.executable, "-m", "proxy", "certs", "bundle", str(pki), "--cn",
+                           "postgres", "--out", str(out)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert made.returncode == 0, made.stdout + made.stderr
+    _unzip(out, tmp_path / "u")
+    folder = tmp_path / "u"
+    assert sorted(p.name for p in (folder / "sslcert").iterdir()) == [
+        "cacert.pem", "client.crt", "client.key", "client.key.pk8"]
+    assert (folder / "sslcert" / "client.key").stat().st_mode & 0o777 == 0o600
+    env = _export_env((folder / "README.txt").read_text(), folder)
+    assert set(env) >= {"PGSSLCERT", "PGSSLKEY", "PGSSLMODE", "PGSSLROOTCERT"}
+    assert env["PGSSLMODE"] == "verify-ca"
+    proxy = start_proxy(tls={"clientcert": "verify-ca", "ssl_ca_file": str(pki / "cacert.pem"),
+                             "require_ssl": True})
+    conninfo = f"host=localhost port={proxy.port} user=postgres dbname=postgres"
+    through = run_psql(conninfo, env=env)
+    assert through.returncode == 0 and "SSL connection" in through.stdout, through.stderr
+    without = {k: v for k, v in env.items() if k not in ("PGSSLCERT", "PGSSLKEY")}
+    refused = run_psql(conninfo, env=without)
+    assert refused.returncode != 0  # the bundle's certificate is what let psql in
+    key = serialization.load_der_private_key((folder / "sslcert" / "client.key.pk8")
+                                             .read_bytes(), None)
+    cert = x509.load_pem_x509_certificate((folder / "sslcert" / "client.crt").read_bytes())
+    assert key.public_key() == cert.public_key()
+
+
+def test_encrypted_bundle_round_trips_through_the_pair(pki: Path, tmp_path: Path) -> None:
+    out = tmp_path / "enc.zip"
+    subprocess.run([sys.executable, "-m", "proxy", "certs", "bundle", str(pki), "--cn", "alice",
+                    "--out", str(out), "--encrypt"], check=True, capture_output=True, cwd=REPO)
+    _unzip(out, tmp_path)
+    ssl_dir = tmp_path / "sslcert"
+    for name in ("client.key", "client.key.pk8", "client.key.cipher", "client.key.rand"):
+        assert (ssl_dir / name).stat().st_mode & 0o777 == 0o600, name
+    pem = (ssl_dir / "client.key").read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in pem
+    with pytest.raises(TypeError):
+        serialization.load_pem_private_key(pem, None)
+    passphrase = gausskey.decode((ssl_dir / "client.key.cipher").read_bytes(),
+                                 (ssl_dir / "client.key.rand").read_bytes())
+    key = serialization.load_pem_private_key(pem, passphrase)
+    pk8 = serialization.load_der_private_key((ssl_dir / "client.key.pk8").read_bytes(),
+                                             passphrase)
+    cert = x509.load_pem_x509_certificate((ssl_dir / "client.crt").read_bytes())
+    assert key.public_key() == cert.public_key() == pk8.public_key()
+    assert "CN=alice" in cert.subject.rfc4514_string()
+    assert "encrypted" in (tmp_path / "README.txt").read_text()
