@@ -225,11 +225,14 @@ def main(args: argparse.Namespace) -> int:
         print("-" * 100)
         print(f"{len(rows) - failures}/{len(rows)} cells as the seed's Table 3 says")
         failures += not second_hop(work, certs)
-        if args.no_wait:
-            return 1 if failures else 0
-        cfg = write_config(work / "dwsproxy.toml", port=args.port, backend_port=pg.port,
-                           certs=certs, ssl=True, require_ssl=True, metrics_port=9187)
-        with running_proxy(cfg, args.port, work / "proxy.log") as proc:
+        # --no-wait (tests, CI) must not take the fixed ports a person's demo would
+        port, metrics_port = (free_port(), free_port()) if args.no_wait else (args.port, 9187)
+        cfg = write_config(work / "dwsproxy.toml", port=port, backend_port=pg.port,
+                           certs=certs, ssl=True, require_ssl=True, metrics_port=metrics_port)
+        with running_proxy(cfg, port, work / "proxy.log") as proc:
+            failures += not probe_demo(port, certs)
+            if args.no_wait:
+                return 1 if failures else 0
             print(f"\ndwsproxy is up with require_ssl = true on 127.0.0.1:{args.port} "
                   f"(metrics: http://127.0.0.1:9187/metrics). Try:\n"
                   f"  psql \"host=localhost port={args.port} user=postgres dbname=postgres "
@@ -294,6 +297,20 @@ def second_hop(work: Path, certs: Path) -> bool:
           f"{'refused' if direct.returncode else 'ACCEPTED (unexpected)'}")
     print(f"  second hop: {'ok' if ok else 'FAILED'}")
     return ok
+
+
+def probe_demo(port: int, certs: Path) -> bool:
+    """`dwsproxy probe` of the proxy just started: the same Table 3 row, seen from outside."""
+    conninfo = (f"host=localhost port={port} user=postgres dbname=postgres "
+                f"sslrootcert={certs / 'cacert.pem'}")
+    print(f"\n$ dwsproxy probe \"{conninfo}\" --expect require_ssl=on --expect min_tls=TLSv1.2\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.run([sys.executable, "-m", "proxy", "probe", conninfo, "--expect",
+                           "require_ssl=on", "--expect", "min_tls=TLSv1.2"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    print(proc.stdout + proc.stderr, end="")
+    print(f"  probe: {'ok' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}")
+    return proc.returncode == 0
 
 
 def expected(ssl_on: bool, require_ssl: bool, sslmode: str) -> str:

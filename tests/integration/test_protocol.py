@@ -354,6 +354,8 @@ def test_demo_non_interactive(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "24/24 cells as the seed's Table 3 says" in proc.stdout
     assert proc.stdout.count(" ok ") == 24
+    assert "Inferred policy: ssl = on, require_ssl = on" in proc.stdout
+    assert "  probe: ok" in proc.stdout
 
 
 def test_half_close_during_startup_loses_nothing(start_proxy: Callable[..., Proxy]) -> None:
