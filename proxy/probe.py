@@ -680,7 +680,7 @@ def findings(report: dict[str, Any]) -> list[str]:
             out.append(f"plaintext accepted (sslmode={cell['sslmode']})")
             break
     for name in ("TLSv1", "TLSv1.1"):
-        if report["tls_versions"][name]:
+        if report["tls_versions"].get(name):
             out.append(f"{name} accepted (below TLS 1.2)")
     cbc = [name for name in report["tls12_ciphers"] if _is_cbc(name)]
     if cbc:

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO, Proxy, clean_env, run_psql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from proxy import certs, gausskey
 from proxy.demo import SSLMODES, TempPostgres, free_port, wait_port
 
-from conftest import REPO, Proxy, clean_env, run_psql
-
 PG_HBA = """local all all trust
+hostssl all carol 127.0.0.1/32 scram-sha-256
 hostssl all all 127.0.0.1/32 trust
 hostnossl all all 127.0.0.1/32 reject
 """
@@ -49,8 +49,9 @@ def probe_json(conninfo: str, env: dict[str, str] | None = None) -> dict[str, An
     return report
 
 
-def psql_result(conninfo: str, sslmode: str) -> tuple[str, str]:
-    proc = run_psql(f"{conninfo} sslmode={sslmode} connect_timeout=10")
+def psql_result(conninfo: str, sslmode: str, env: dict[str, str] | None = None
+                ) -> tuple[str, str]:
+    proc = run_psql(f"{conninfo} sslmode={sslmode} connect_timeout=10", env=env)
     if proc.returncode != 0:
         return "refused", proc.stderr.strip()
     return ("tls" if "SSL connection (protocol:" in proc.stdout else "plaintext"), proc.stdout
@@ -68,6 +69,7 @@ def tls_postgres(pki: Path) -> Iterator[TempPostgres]:
     server = TempPostgres(hba=PG_HBA, files=files, extra_conf=(
         "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"))
     server.start()
+    server.sql("CREATE ROLE carol LOGIN PASSWORD 'sesame'")
     yield server
     server.stop()
 
@@ -147,6 +149,39 @@ def test_every_cell_is_what_psql_gets(servers: dict[str, tuple[int, str, str]], 
     if want_require == "on":
         assert report["cells"][0]["detail"], "a refusal carries the server's text"
         assert "plaintext accepted" not in " ".join(report["findings"])
+
+
+@pytest.mark.parametrize(("password", "want"), [
+    ("sesame", ["refused"] + ["tls"] * 5), ("wrong", ["refused"] * 6)])
+def test_scram_authentication_as_psql(tls_postgres: TempPostgres, pki: Path, password: str,
+                                      want: list[str]) -> None:
+    conninfo = conninfo_for(tls_postgres.port, pki).replace("user=postgres", "user=carol")
+    env = clean_env(PGPASSWORD=password)
+    report = probe_json(conninfo, env=env)
+    psql = [psql_result(conninfo, mode, env)[0] for mode in SSLMODES]
+    assert [c["result"] for c in report["cells"]] == psql == want
+    if password == "wrong":
+        assert "password authentication failed for user \"carol\"" in report["cells"][3]["detail"]
+    else:
+        assert report["cells"][3]["detail"] == "connected"
+
+
+def test_password_from_pgpass_and_none_at_all(tls_postgres: TempPostgres, pki: Path,
+                                              tmp_path: Path) -> None:
+    conninfo = conninfo_for(tls_postgres.port, pki).replace("user=postgres", "user=carol")
+    report = probe_json(conninfo, env=clean_env(HOME=str(tmp_path)))
+    # no password: reaching the authentication request is what a probe can know
+    assert report["cells"][3] == {"sslmode": "require", "result": "tls",
+                                  "detail": "authentication request reached (SASL; no "
+                                            "password given)"}
+    pgpass = tmp_path / ".pgpass"
+    pgpass.write_text(f"localhost:{tls_postgres.port}:*:carol:sesame\n")
+    pgpass.chmod(0o600)
+    report = probe_json(conninfo, env=clean_env(HOME=str(tmp_path)))
+    assert report["cells"][3]["detail"] == "connected"
+    pgpass.write_text(f"localhost:{tls_postgres.port}:*:carol:wrong\n")
+    report = probe_json(conninfo, env=clean_env(HOME=str(tmp_path)))
+    assert "password authentication failed" in report["cells"][3]["detail"]
 
 
 def test_table_output_is_aligned(servers: dict[str, tuple[int, str, str]], pki: Path) -> None:
