@@ -271,8 +271,9 @@ class Prober:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        # libpq: require with a root certificate present verifies as verify-ca does.
-        if sslmode in ("verify-ca", "verify-full") or (sslmode == "require" and self.rootcert):
+        # libpq (initialize_SSL): whenever the root certificate file exists, the chain is
+        # verified, whatever the sslmode (allow, prefer and require too).
+        if sslmode in ("verify-ca", "verify-full") or self.rootcert:
             if not self.rootcert:
                 raise ssl.SSLError("root certificate file does not exist; either provide the "
                                    "file or change sslmode to disable server certificate "

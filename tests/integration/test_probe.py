@@ -229,8 +229,12 @@ def test_untrusted_root_is_a_finding(servers: dict[str, tuple[int, str, str]], p
                                      tmp_path: Path) -> None:
     other = tmp_path / "other"
     certs.init(other)
-    report = probe_json(f"host=127.0.0.1 port={servers['proxy-require_ssl'][0]} user=postgres "
-                        f"sslrootcert={other / 'cacert.pem'}")
+    conninfo = (f"host=127.0.0.1 port={servers['proxy-require_ssl'][0]} user=postgres "
+                f"dbname=postgres sslrootcert={other / 'cacert.pem'}")
+    report = probe_json(conninfo)
+    # libpq verifies the chain in allow/prefer/require too once a root certificate file is there
+    assert [c["result"] for c in report["cells"]] == [psql_result(conninfo, m)[0]
+                                                      for m in SSLMODES]
     assert report["certificate"]["chain_verified"] is False
     assert report["certificate"]["hostname_ok"] is True  # the certificate has an IP SAN
     assert [c["result"] for c in report["cells"][3:]] == ["refused"] * 3
