@@ -396,9 +396,12 @@ class Prober:
         required = sslmode not in ("disable", "allow", "prefer")
         last = Attempt(False, False, "not tried")
         for i, use_ssl in enumerate(steps):
+            first = last
             last = self.attempt(use_ssl, sslmode, required or (i > 0 and use_ssl))
             if last.ok:
                 return Cell(sslmode, "tls" if last.encrypted else "plaintext", last.detail)
+            if i > 0 and use_ssl and last.ssl_answer == "N":
+                last = first  # allow: the server's own refusal says more than its "N"
             if not last.retry or (use_ssl and last.ssl_answer == "N"):
                 break
         return Cell(sslmode, "refused", last.detail)
