@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ from proxy.demo import TempPostgres, find_pg_binary, free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 PSQL = shutil.which("psql") or find_pg_binary("psql")
+JAVA = shutil.which("java")
+JAVAC = shutil.which("javac")
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+JDBC_PACKAGE = "libpostgresql-jdbc-java"
+JDBC_PROBE_SOURCE = Path(__file__).resolve().parent / "java" / "JdbcProbe.java"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +55,30 @@ def pki() -> Iterator[Path]:
     certs.write_client(folder, certs.load_ca(folder), "alice")
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RevokedCert:
+    cert: Path
+    key: Path  # PEM (PKCS-8)
+    pk8: Path  # DER PKCS-8, for pgjdbc
+    crl: Path  # a CRL of the `pki` CA revoking this certificate, and nothing else
+    serial: int
+
+
+@pytest.fixture(scope="session")
+def revoked_cert(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> RevokedCert:
+    """A second client certificate (CN=postgres) from the `pki` CA, and a CRL revoking it: a
+    proxy with that CRL refuses this one and still accepts pki/client.crt."""
+    folder = tmp_path_factory.mktemp("revoked")
+    ca = certs.load_ca(pki)
+    cert, key = certs.issue(ca, "postgres")
+    certs.write_certs(folder / "revoked.crt", cert)
+    certs.write_key(folder / "revoked.key", key)
+    certs.write_key(folder / "revoked.pk8", key, der_pkcs8=True)
+    certs.write_crl(folder / "crl.pem", certs.make_crl(ca, [cert.serial_number]))
+    return RevokedCert(folder / "revoked.crt", folder / "revoked.key", folder / "revoked.pk8",
+                       folder / "crl.pem", cert.serial_number)
 
 
 def toml_value(value: Any) -> str:
@@ -249,3 +279,73 @@ def ssl_request_handshake(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     sock.sendall(wire.build_request(wire.SSL_REQUEST_CODE))
     assert sock.recv(1) == b"S"
     return ctx.wrap_socket(sock, server_hostname="localhost")
+
+
+# -- pgjdbc: tests/integration/java/JdbcProbe.java, for test_jdbc.py and test_clients.py --------
+
+def _apt_install_jdbc() -> str:
+    """Install pgjdbc from the distribution; returns what apt said (for the failure message)."""
+    if not shutil.which("apt-get"):
+        return "apt-get not found"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    said = []
+    install = ["apt-get", "install", "-y", "--no-install-recommends", JDBC_PACKAGE]
+    for argv in (install, ["apt-get", "update"], install):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600,
+                              check=False)
+        said.append(f"$ {' '.join(argv)} -> {proc.returncode}\n{proc.stdout[-1500:]}"
+                    f"{proc.stderr[-1500:]}")
+        if argv is install and proc.returncode == 0 and JDBC_JAR.exists():
+            break
+    return "\n".join(said)
+
+
+@pytest.fixture(scope="session")
+def jdbc_jar() -> Path:
+    if not JDBC_JAR.exists():
+        said = _apt_install_jdbc()
+        if not JDBC_JAR.exists():
+            pytest.fail(f"{JDBC_JAR} is missing and `apt-get install {JDBC_PACKAGE}` did not "
+                        f"provide it:\n{said}")
+    return JDBC_JAR
+
+
+@pytest.fixture(scope="session")
+def probe_classes(jdbc_jar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not JAVAC:
+        pytest.fail("javac is not on PATH (make setup installs default-jdk-headless)")
+    classes = tmp_path_factory.mktemp("jdbc-classes")
+    proc = subprocess.run(
+        [JAVAC, "-cp", str(jdbc_jar), "-d", str(classes), str(JDBC_PROBE_SOURCE)],
+        capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"javac failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (classes / "JdbcProbe.class").exists()
+    return classes
+
+
+@pytest.fixture(scope="session")
+def java_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty user.home for the JVM: pgjdbc falls back to ~/.postgresql/postgresql.crt and
+    .pk8 when sslcert/sslkey are not given, and must find nothing there."""
+    return tmp_path_factory.mktemp("jdbc-home")
+
+
+ProbeRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture(scope="session")
+def run_probe(jdbc_jar: Path, probe_classes: Path, java_home: Path) -> ProbeRunner:
+    """run(url, *args, timeout=120, **props): JdbcProbe with `args` (e.g. --query=SQL) and each
+    prop as key=value."""
+    def run(url: str, *args: str, timeout: float = 120,
+            **props: str) -> subprocess.CompletedProcess[str]:
+        if not JAVA:
+            pytest.fail("java is not on PATH (make setup installs default-jdk-headless)")
+        argv = [JAVA, f"-Duser.home={java_home}", "-cp", f"{jdbc_jar}{os.pathsep}{probe_classes}",
+                "JdbcProbe", url, *args, *(f"{k}={v}" for k, v in props.items())]
+        # No PG* variables: the probe's connection must be exactly what its arguments say.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["HOME"] = str(java_home)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                              check=False)
+    return run
