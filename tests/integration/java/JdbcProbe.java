@@ -1,17 +1,22 @@
 // A small pgjdbc client for tests/integration/test_jdbc.py: connects through dwsproxy and runs
 // one query.
 //
-//   java -cp postgresql.jar:DIR JdbcProbe JDBC-URL [key=value ...]
+//   java -cp postgresql.jar:DIR JdbcProbe JDBC-URL [--query=SQL] [key=value ...]
 //
 // Each key=value argument becomes a connection property (sslmode, sslcert, sslkey, sslrootcert,
 // user, ...). Prints the URL and the properties, what TLS the driver actually negotiated (read
-// from the driver's socket), then "result: jdbc-ok <current_user>". On failure prints
-// "error: sqlstate=<SQLState> message=<message>" plus the cause chain, and exits 1.
-// Exit 2 is a usage error.
+// from the driver's socket), then "result: jdbc-ok <current_user>". With --query=SQL it runs
+// that instead and prints "digest: rows=<n> chars=<n> sha256=<hex>": every row's values joined
+// by tabs, each row ended by a newline, hashed as UTF-8 (the digest of test_clients.py).
+// On failure prints "error: sqlstate=<SQLState> message=<message>", then for an SQLException
+// "error_class: <class>" and the cause chain, and exits 1. Exit 2 is a usage error.
 
 import java.lang.reflect.Field;
 import java.lang.reflect.Method;
 import java.net.Socket;
+import java.nio.charset.StandardCharsets;
+import java.security.MessageDigest;
+import java.security.NoSuchAlgorithmException;
 import java.security.cert.Certificate;
 import java.security.cert.X509Certificate;
 import java.sql.Connection;
@@ -31,8 +36,13 @@ public class JdbcProbe {
             System.exit(2);
         }
         String url = args[0];
+        String query = null;
         Properties props = new Properties();
         for (int i = 1; i < args.length; i++) {
+            if (args[i].startsWith("--query=")) {
+                query = args[i].substring("--query=".length());
+                continue;
+            }
             int eq = args[i].indexOf('=');
             if (eq <= 0) {
                 System.err.println("JdbcProbe: not key=value: " + args[i]);
@@ -47,6 +57,11 @@ public class JdbcProbe {
         System.out.flush();
         try (Connection conn = DriverManager.getConnection(url, props)) {
             describeTls(conn);
+            if (query != null) {
+                digest(conn, query);
+                System.out.println("done");
+                return;
+            }
             try (Statement st = conn.createStatement();
                  ResultSet rs = st.executeQuery("SELECT 'jdbc-ok', current_user")) {
                 int rows = 0;
@@ -62,17 +77,47 @@ public class JdbcProbe {
             }
         } catch (SQLException e) {
             System.out.println("error: sqlstate=" + e.getSQLState() + " message=" + e.getMessage());
+            System.out.println("error_class: " + e.getClass().getName());
             for (Throwable c = e.getCause(); c != null; c = c.getCause()) {
                 System.out.println("cause: " + c);
             }
             System.out.flush();
             System.exit(1);
-        } catch (RuntimeException e) {
+        } catch (NoSuchAlgorithmException | RuntimeException e) {
             System.out.println("error: sqlstate=none message=" + e);
             System.out.flush();
             System.exit(1);
         }
         System.out.println("done");
+    }
+
+    private static void digest(Connection conn, String query)
+            throws SQLException, NoSuchAlgorithmException {
+        MessageDigest sha = MessageDigest.getInstance("SHA-256");
+        long rows = 0;
+        long chars = 0;
+        try (Statement st = conn.createStatement(); ResultSet rs = st.executeQuery(query)) {
+            int columns = rs.getMetaData().getColumnCount();
+            while (rs.next()) {
+                StringBuilder line = new StringBuilder();
+                for (int c = 1; c <= columns; c++) {
+                    String value = rs.getString(c);
+                    if (c > 1) {
+                        line.append('\t');
+                    }
+                    line.append(value);
+                    chars += value.length();
+                }
+                line.append('\n');
+                sha.update(line.toString().getBytes(StandardCharsets.UTF_8));
+                rows++;
+            }
+        }
+        StringBuilder hex = new StringBuilder();
+        for (byte b : sha.digest()) {
+            hex.append(String.format("%02x", b));
+        }
+        System.out.println("digest: rows=" + rows + " chars=" + chars + " sha256=" + hex);
     }
 
     // What the driver really negotiated: its PGStream's socket (QueryExecutorBase.pgStream is
