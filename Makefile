@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NODE   := tests/integration/node
+NODE_STAMP := $(NODE)/node_modules/.installed
 
 .PHONY: setup system-deps demo test unit lint bench clean
 
@@ -12,12 +14,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# PostgreSQL server binaries, psql and (for the JDBC test) pgjdbc and a JDK; apt-get only for
-# what is missing, and only when we may (root).
+# PostgreSQL server binaries, psql, and the real clients' system parts (pgjdbc and a JDK,
+# psqlODBC and unixODBC, Node.js and npm); apt-get only for what is missing, and only when we
+# may (root).
 system-deps:
 	@bash .ci/system-deps
 
-setup: system-deps $(STAMP)
+# node-postgres for tests/integration/test_clients.py, at the version package-lock.json pins.
+$(NODE_STAMP): $(NODE)/package.json $(NODE)/package-lock.json
+	cd $(NODE) && npm install --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+setup: system-deps $(STAMP) $(NODE_STAMP)
 
 demo: setup
 	$(PY) -m proxy demo --dir demo
@@ -39,4 +47,4 @@ bench: setup
 	benchmarks/run
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) demo .pytest_cache $(NODE)/node_modules
