@@ -11,7 +11,8 @@ without clashing with psycopg[binary] in the test process, and a client hung ins
 read can only be stopped by ending its process; the test's timeout then says so.
 
 Spec keys: client, host, port, user, dbname, application_name, tls (bool), ca, cert, key (paths
-or null), query (SQL or null), timeout (seconds, for the connect and for the query).
+or null), query (SQL or null), timeout (seconds, for the connect and for the query; for psycopg a
+watchdog over both, which on a hang prints {"hung": phase, ...} with where the bytes were).
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import asyncio
 import glob
 import hashlib
 import json
+import os
+import select
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -111,13 +115,67 @@ def run_psycopg(spec: dict[str, Any], none_dir: str) -> dict[str, Any]:
     import psycopg
 
     extra = {"psycopg_impl": psycopg.pq.__impl__, "libpq": psycopg.pq.version()}
+    phase = {"now": "connect", "conn": None}
+    # psycopg's sync API has no client-side query timeout: a watchdog ends a hang, after
+    # looking at where the bytes are (see diagnose_hang).
+    watchdog = threading.Timer(spec["timeout"], lambda: report_hang(phase, extra))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        conn = psycopg.connect(**libpq_conninfo(spec, none_dir))
-    except psycopg.OperationalError as exc:
-        return failure(exc, exc.sqlstate) | extra
-    with conn:
-        rows = conn.execute(spec["query"]).fetchall() if spec["query"] else []
-        return success(rows, extra)
+        try:
+            conn = psycopg.connect(**libpq_conninfo(spec, none_dir))
+        except psycopg.OperationalError as exc:
+            return failure(exc, exc.sqlstate) | extra
+        phase |= {"now": "query", "conn": conn}
+        with conn:
+            rows = conn.execute(spec["query"]).fetchall() if spec["query"] else []
+            return success(rows, extra)
+    finally:
+        watchdog.cancel()
+
+
+def report_hang(phase: dict[str, Any], extra: dict[str, Any]) -> None:
+    out = {"ok": False, "hung": phase["now"], **extra}
+    if phase["conn"] is not None:
+        out |= diagnose_hang(phase["conn"])
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+
+
+def diagnose_hang(conn: Any) -> dict[str, Any]:
+    """Where a hung query's bytes are. The main thread is parked in psycopg's poll() on the
+    socket, outside libpq, so looking at the PGconn from here is safe enough just before the
+    process exits. The signature of the known libpq <= 17 defect (issue 10 item 1): the socket
+    is not readable, OpenSSL holds decrypted bytes libpq has not taken (SSL_pending > 0), and
+    one more PQconsumeInput completes the result."""
+    import ctypes
+    import ctypes.util
+
+    import psycopg
+
+    pgconn = conn.pgconn
+    readable = bool(select.select([pgconn.socket], [], [], 0)[0])
+    pending = None
+    if psycopg.pq.__impl__ == "python":
+        from psycopg.pq import _pq_ctypes
+
+        libpq = _pq_ctypes.pq
+        libpq.PQgetssl.restype = ctypes.c_void_p
+        libpq.PQgetssl.argtypes = [ctypes.c_void_p]
+        ssl_ptr = libpq.PQgetssl(pgconn.pgconn_ptr)
+        name = ctypes.util.find_library("ssl")
+        if ssl_ptr and name:
+            libssl = ctypes.CDLL(name)  # the one libpq has loaded (same soname)
+            libssl.SSL_pending.argtypes = [ctypes.c_void_p]
+            pending = int(libssl.SSL_pending(ssl_ptr))
+    busy_before = bool(pgconn.is_busy())
+    rounds = 0
+    while pgconn.is_busy() and rounds < 1000:
+        pgconn.consume_input()
+        rounds += 1
+    return {"socket_readable": readable, "ssl_pending": pending, "busy": busy_before,
+            "completed_by_consume_input": busy_before and not pgconn.is_busy(),
+            "consume_input_calls": rounds}
 
 
 def odbc_driver() -> str:
