@@ -48,6 +48,9 @@ REJECT_REASONS = (
     "startup_timeout", "too_many_connections", "backend_unavailable",
     # SCRAM-SHA-256-PLUS chosen while the proxy's certificate is not the database's
     "channel_binding",
+    # a TLS client closed for post-handshake floods (KeyUpdate, renegotiation; relay.py rule
+    # 6), before or after the backend: a relayed one is in dwsproxy_connections_total too
+    "tls_flood",
 )
 BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake")
 

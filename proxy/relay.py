@@ -1,17 +1,47 @@
 """The byte pump: one `asyncio.Protocol` per side of a session.
 
 Owns: buffering a side's bytes while the session is still negotiating (`read_packet`), then
-relaying both ways byte for byte once `link()` joins the two sides, with flow control (a side whose
-outgoing buffer is full pauses reading on the other side), half-close where both transports can
-do it, and close propagation; and the client side's TLS record layer (`TlsEndpoint`). Must not
-parse beyond the start-up packet, decide policy or touch metrics: it only counts bytes in plain
-ints, which the session flushes.
+relaying both ways byte for byte once `link()` joins the two sides, with flow control, half-close
+where both transports can do it, and close propagation; and the client side's TLS record layer
+(`TlsEndpoint`, its states in `TlsState`). Must not parse beyond the start-up packet (TLS record
+headers aside), decide policy or touch metrics: it only counts bytes in plain ints, which the
+session flushes, and names why it closed a client (`violation`), which the session records.
+
+Back-pressure: who pauses whom. A side reads while none of its reasons to pause holds (bits
+PEER_FULL, OWN_FULL, STARTUP, ASKED of `_paused`; `_pause()`/`_resume()`); one method per rule.
+
+    client ─▶ transport ─▶ Endpoint / TlsEndpoint (decrypt) ─────────▶ transport ─▶ backend
+    client ◀─ raw transport ◀─ outgoing BIO ◀─ encrypt (ToTlsEndpoint) ◀─ transport ◀─ backend
+
+  1. a transport past WRITE_HIGH_WATER pauses the other side's reading, until it drained
+     (Endpoint.pause_writing / resume_writing).
+  2. TLS client, backend → client: while the raw transport is past its limits (64 KiB, uvloop's
+     default) ciphertext waits in the outgoing BIO; past WRITE_HIGH_WATER there the backend is
+     paused (ToTlsEndpoint._hold), resumed once the BIO drained (TlsEndpoint.resume_writing).
+  3. TLS client, client → client: while its raw transport is past its limits, what the client
+     sends is not decrypted (its records can ask for replies: KeyUpdate, alerts, that would
+     queue without end); it waits as ciphertext, and past INPUT_HOLD the client is not read
+     either (TlsEndpoint._hold_input, resumed in resume_writing). Below that, reading goes
+     on, so a client's FIN is still seen.
+  4. More than WRITE_CAP queued for a TLS client (BIO and raw transport): abort
+     (TlsEndpoint._check_cap). Rules 2 and 3 keep far below it; it bounds what they miss.
+  5. Negotiating: past STARTUP_BUFFER_LIMIT of plaintext the client is not read until link()
+     (Endpoint.data_received).
+  6. More than TLS_NOISE_LIMIT bytes of TLS records that carry no application data (post-
+     handshake handshake messages: KeyUpdate, renegotiation attempts) — net of what application
+     records pay back — closes the client with violation "tls_flood" (TlsEndpoint._account).
+  7. Work per callback is bounded: ciphertext goes to OpenSSL at most STEP_RECORDS records (or
+     STEP_BYTES) at a time, rule 6 checked in between; after a step that had records without
+     application data, the rest of the read waits for the next loop turn and the client is
+     not read meanwhile (TlsEndpoint._receive, _yield_turn), so other clients are served
+     between steps of a flood. Application data goes on in the same callback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import ssl
 from typing import Any
 
@@ -28,6 +58,13 @@ WRITE_HIGH_WATER = 256 * 1024
 # (and its socket) forever, so the close turns into an abort after this long.
 CLOSE_TIMEOUT = 3.0
 
+# Why a side is not reading: the bits of Endpoint._paused.
+PEER_FULL = 1  # rules 1, 2: the other side's outgoing buffer is full
+OWN_FULL = 2  # rule 3: this TLS client's own outgoing buffer is full
+STARTUP = 4  # rule 5: negotiating, and the startup buffer is full
+ASKED = 8  # the session asked (TlsTransport.pause_reading: Session.terminate)
+TURN = 16  # rule 7: the rest of a read waits for the next loop turn
+
 
 class Endpoint(asyncio.Protocol):
     """One side of a session (client or backend)."""
@@ -41,8 +78,10 @@ class Endpoint(asyncio.Protocol):
         self.eof = False
         self.closed = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
-        self._paused_for_buffer = False
+        self._paused = 0  # reasons not to read: PEER_FULL | OWN_FULL | STARTUP | ASKED
         self._close_timer: asyncio.TimerHandle | None = None
+        # (reason, detail) when the relay closed this side for cause (a metrics reason)
+        self.violation: tuple[str, str] | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -61,9 +100,8 @@ class Endpoint(asyncio.Protocol):
         # Decrypted data may arrive before start_tls()/connect_accepted_socket() returns
         # (TLS 1.3 sends Finished and the StartupMessage in one flight): keep it, never drop it.
         self.buffer += data
-        if len(self.buffer) > STARTUP_BUFFER_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused_for_buffer = True
+        if len(self.buffer) > STARTUP_BUFFER_LIMIT:
+            self._pause(STARTUP)  # rule 5
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -102,13 +140,34 @@ class Endpoint(asyncio.Protocol):
             peer.close(abort=exc is not None)
 
     def pause_writing(self) -> None:
-        # Our outgoing buffer is full: stop reading the side that fills it.
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        # Rule 1: our outgoing buffer is full: stop reading the side that fills it.
+        if self.peer is not None:
+            self.peer._pause(PEER_FULL)
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.resume_reading()
+        if self.peer is not None:
+            self.peer._resume(PEER_FULL)
+
+    # -- flow control ---------------------------------------------------------------------------
+    def _reading(self) -> asyncio.Transport | None:
+        """The transport whose reading the reasons of `_paused` stop. (Not kept in an
+        attribute: backend.py swaps `transport` for a TLS one after start_tls.)"""
+        return self.transport
+
+    def _pause(self, why: int) -> None:
+        if not self._paused:
+            transport = self._reading()
+            if transport is not None:
+                transport.pause_reading()
+        self._paused |= why
+
+    def _resume(self, why: int) -> None:
+        if self._paused & why:
+            self._paused &= ~why
+            if not self._paused:
+                transport = self._reading()
+                if transport is not None:
+                    transport.resume_reading()
 
     # -- negotiation phase ----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -197,17 +256,63 @@ def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:
         backend.buffer.clear()
         backend.received += len(data)
         client.transport.write(data)
-    if client._paused_for_buffer:
-        client._paused_for_buffer = False
-        client.transport.resume_reading()
+    client._resume(STARTUP)
     if client.eof:
         client.eof_received()
     if backend.eof:
         backend.eof_received()
 
 
-# Plaintext asked of the SSL object per read call (it returns at most one 16 KiB record).
+# Plaintext asked of the SSL object per read call: more than a record holds (16 KiB), so a read
+# takes its record whole and OpenSSL keeps no plaintext back (SSL_pending is then 0).
 SSL_READ_SIZE = 256 * 1024
+# Plaintext per record sent to a client. libpq <= 17 in non-blocking mode reads into the free
+# space of its input buffer (at least 8 KiB, pqReadData) and does not drain what OpenSSL keeps
+# of a larger record before it waits on the socket (fixed in libpq 18): the end of a reply can
+# sit decrypted in the client's OpenSSL for ever (psycopg on libpq 15 hung on results of a few
+# tens of KB). PostgreSQL never sends more than its 8 KiB send buffer in a record; nor do we.
+TLS_RECORD_MAX = 8192
+# Rule 6: bytes of TLS records without application data a client may send, net of what its
+# application records pay back. TLS 1.3 KeyUpdate(update_requested) costs OpenSSL two key
+# derivations and a reply (~25-50 us here per 27-byte record): 32 KiB is ~1200 of them.
+TLS_NOISE_LIMIT = 32 * 1024
+# What one application record may take beyond its plaintext (header, explicit IV, MAC or tag,
+# CBC padding up to 255): an application record pays back the rest of this towards rule 6.
+RECORD_OVERHEAD = 5 + 16 + 48 + 256
+# Work per step: ciphertext goes to OpenSSL at most this many records (or bytes) at a time, so
+# a read full of KeyUpdates is stopped by rule 6 within a step (~64 records, a few ms).
+STEP_RECORDS = 64
+STEP_BYTES = 64 * 1024
+# A read this small goes to OpenSSL whole, without a look at its record headers: the
+# per-message path (a pgbench -S query is one record of ~100 bytes).
+FAST_MAX = 2048
+# Rule 4: queued for one TLS client, far above what rules 2 and 3 let through (~576 KiB).
+WRITE_CAP = 4 * WRITE_HIGH_WATER
+# Rule 3: ciphertext kept undecrypted while the client's own transport is paused.
+INPUT_HOLD = 64 * 1024
+
+# what a read loop ended with
+_DRAINED, _CLOSE_NOTIFY, _STOP = 0, 1, 2
+
+
+class TlsState(enum.Enum):
+    HANDSHAKE = "handshake"  # OpenSSL's handshake runs; application data after it is kept
+    OPEN = "open"  # application data both ways
+    FAILED = "failed"  # the handshake failed: alert and FIN sent, input dropped till the close
+    CLOSING = "closing"  # our close_notify is sent (or the client's came): input dropped
+    ABORTED = "aborted"  # a broken record, rule 4 or rule 6: the transport was aborted
+    CLOSED = "closed"  # connection_lost
+
+
+HANDSHAKE, OPEN, FAILED, CLOSING, ABORTED, CLOSED = TlsState
+_NEXT: dict[TlsState, frozenset[TlsState]] = {
+    HANDSHAKE: frozenset({OPEN, FAILED, CLOSING, ABORTED, CLOSED}),
+    OPEN: frozenset({CLOSING, ABORTED, CLOSED}),
+    FAILED: frozenset({ABORTED, CLOSED}),
+    CLOSING: frozenset({ABORTED, CLOSED}),
+    ABORTED: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
 
 
 def _c_methods(sslobj: ssl.SSLObject) -> Any:
@@ -225,7 +330,8 @@ class TlsEndpoint(Endpoint):
     transport stays open until the client closes, so the alert is not overtaken by an RST.
     (2) A relayed message costs one Python frame each way (this class's `data_received`, and
     `ToTlsEndpoint.data_received`), where uvloop's layer calls ssl.py's wrappers several times
-    and raises SSLWantReadError once per message.
+    and raises SSLWantReadError once per message. (3) We own the incoming ciphertext, so rules
+    3, 4 and 6 (module docstring) can be kept, and records to the client stay <= 8 KiB.
     """
 
     def __init__(self, context: ssl.SSLContext) -> None:
@@ -234,18 +340,31 @@ class TlsEndpoint(Endpoint):
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         c = _c_methods(self.ssl_object)
-        self._read, self._pending, self.encrypt = c.read, c.pending, c.write
+        self._read, self._pending, self._encrypt = c.read, c.pending, c.write
         self.raw: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ready = False  # handshake done and not failed
+        self.state = HANDSHAKE
         # The plain transport keeps uvloop's default limits (64 KiB); while it is paused,
         # ciphertext waits in the outgoing BIO, and only past WRITE_HIGH_WATER there is the
         # backend paused, as uvloop's SSL protocol does. (A/B of a 500 MB COPY out: 787 vs
         # 783 MB/s for uvloop's; one 256 KiB limit on the plain transport gave 726 vs 757.)
         self.raw_paused = False
-        self.peer_paused = False
-        self.failed = False  # the handshake failed: its alert is sent, input is discarded
+        self._held = bytearray()  # rule 3: ciphertext not decrypted while raw_paused
+        self._fast = False  # OPEN and not raw_paused: data_received may take its fast path
+        self._noise = 0  # rule 6: bytes without application data, net
+        # Where the next record header starts, for the steps of _receive: bytes of a record
+        # still to come, or the first bytes of a header split between reads. Valid while
+        # _noise > 0 (a partial record counts as noise until it completes); at 0 the stream
+        # is between records.
+        self._skip = 0
+        self._head = b""
         self.initial = b""
+
+    def _set_state(self, state: TlsState) -> None:
+        if state is not self.state:
+            assert state in _NEXT[self.state], (self.state, state)
+            self.state = state
+            self._fast = state is OPEN and not self.raw_paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
@@ -254,66 +373,221 @@ class TlsEndpoint(Endpoint):
             data, self.initial = self.initial, b""
             self.data_received(data)
 
+    def _reading(self) -> asyncio.Transport | None:
+        return self.raw
+
+    # -- rules 2 and 3 --------------------------------------------------------------------------
     def pause_writing(self) -> None:
         self.raw_paused = True
+        self._fast = False
 
     def resume_writing(self) -> None:
         self.raw_paused = False
         self._flush()
-        if self.peer_paused and not self.raw_paused:
-            self.peer_paused = False
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.resume_reading()
+        if self.raw_paused:
+            return  # the flush filled it again
+        self._fast = self.state is OPEN
+        self._resume(OWN_FULL)
+        if self.peer is not None:
+            self.peer._resume(PEER_FULL)
+        if self._held and not self._paused & TURN:  # (else _take_turn takes it up)
+            self._take_held()
 
+    def _hold_input(self, data: bytes | memoryview) -> None:
+        """Rule 3: keep the client's ciphertext undecrypted; past INPUT_HOLD stop reading."""
+        self._held += data
+        if len(self._held) > INPUT_HOLD:
+            self._pause(OWN_FULL)
+
+    def _take_held(self) -> None:
+        held = bytes(self._held)
+        self._held.clear()
+        self._receive(held)
+
+    # -- reading --------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.failed:
-            return  # the alert is sent; what the client still sends is dropped, not kept
+        if not self._fast or len(data) > FAST_MAX:
+            self._receive(data)
+            return
         incoming = self._incoming
         incoming.write(data)
-        if not self._ready and not self._do_handshake():
-            return
-        read, pending = self._read, self._pending
-        closed = False
         try:
-            # One record per message is the common case: it is read outside the loop, which
-            # only runs when more came in (one loop for both measured ~1 us more per -S txn).
-            chunk = read(SSL_READ_SIZE)
-            if not chunk:
-                closed = True  # the client's close_notify
-            elif incoming.pending or pending():  # more than one record came in
-                parts = [chunk]
-                while True:
-                    try:
-                        more = read(SSL_READ_SIZE)
-                    except ssl.SSLWantReadError:
-                        break
-                    if not more:
-                        closed = True
-                        break
-                    parts.append(more)
-                    if not incoming.pending and not pending():
-                        break
-                chunk = b"".join(parts)
+            chunk: bytes | None = self._read(SSL_READ_SIZE)
         except ssl.SSLWantReadError:
-            chunk = b""  # a partial record: wait for the rest
+            chunk = None  # a partial record, or records with no application data
         except ssl.SSLError:
-            # a corrupt record, data after close_notify...: an ordinary disconnect
-            self._flush()
-            if self.raw is not None:
-                self.raw.abort()
+            self._broken()
             return
-        if chunk:
+        # One whole application record is the common case, handled here in one frame; the
+        # rest (several records, a partial one, close_notify, noise to count) is not.
+        if (not chunk or incoming.pending or self._noise
+                or len(data) - len(chunk) > RECORD_OVERHEAD):
+            self._after_read(data, chunk)
+            return
+        peer = self.peer
+        if peer is not None:
+            self.received += len(chunk)
+            peer.transport.write(chunk)  # type: ignore[union-attr]
+        else:
+            Endpoint.data_received(self, chunk)
+        if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
+            self._flush()
+
+    def _after_read(self, data: bytes, chunk: bytes | None) -> None:
+        """data_received when its first read was not one whole application record."""
+        if not self._noise:
+            self._skip, self._head = 0, b""
+        self._record_cuts(data)  # where the next record starts, for later steps
+        consumed = len(data) - self._incoming.pending
+        parts: list[bytes] = []
+        if chunk is None:
+            status = self._account(consumed, 0)
+        elif not chunk:
+            status = _CLOSE_NOTIFY
+        else:
+            parts.append(chunk)
+            status = self._account(consumed, len(chunk)) or self._read_loop(parts)
+        self._conclude(parts, status)
+
+    def _receive(self, data: bytes) -> None:
+        """data_received in any state but OPEN, or of more than FAST_MAX bytes: fed to OpenSSL
+        in steps of whole records (STEP_RECORDS, STEP_BYTES), rule 6 checked after each."""
+        state = self.state
+        if state is not OPEN and state is not HANDSHAKE:
+            return  # FAILED, CLOSING, ABORTED: dropped, not kept
+        if self.raw_paused:
+            self._hold_input(data)
+            return
+        if self._paused & TURN:  # (not read meanwhile; kept in order all the same)
+            self._held += data
+            return
+        if state is OPEN and not self._noise:
+            self._skip, self._head = 0, b""
+        cuts = self._record_cuts(data)
+        view = memoryview(data) if len(cuts) > 1 else data
+        parts: list[bytes] = []
+        status = _DRAINED
+        start = 0
+        for end in cuts:
+            self._incoming.write(view[start:end])
+            start = end
+            if self.state is HANDSHAKE and not self._do_handshake():
+                if self.state is HANDSHAKE:
+                    continue
+                return  # failed: the alert is sent, the rest is dropped
+            status = self._read_loop(parts)
+            if status:
+                break
+            if end < len(data) and (self.raw_paused or self._noise):
+                # rule 3, or rule 7 after records without application data: the rest waits;
+                # `end` is where a record ends, so the next one starts there
+                self._skip, self._head = 0, b""
+                if self.raw_paused:
+                    self._hold_input(view[end:])
+                else:
+                    self._held += view[end:]
+                    self._yield_turn()
+                break
+        self._conclude(parts, status)
+
+    def _yield_turn(self) -> None:
+        """Rule 7: the held rest of a read is taken up on the next loop turn."""
+        self._pause(TURN)
+        asyncio.get_running_loop().call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self._resume(TURN)
+        if not self._held:
+            return
+        if self.raw_paused:
+            self._hold_input(b"")  # rule 3 has it now: resume_writing takes it up
+        else:
+            self._take_held()
+
+    def _record_cuts(self, data: bytes) -> list[int]:
+        """Offsets in `data` where a step ends: after STEP_RECORDS records or STEP_BYTES,
+        where a record ends, and at the end. Keeps where the next record starts (_skip,
+        _head). Only the size of the steps depends on it, never what OpenSSL is given."""
+        n = len(data)
+        if self._head:  # a record header split between reads
+            header = self._head + data[:5 - len(self._head)]
+            if len(header) < 5:
+                self._head = header
+                return [n]
+            at = 5 - len(self._head) + (header[3] << 8 | header[4])
+            self._head = b""
+        else:
+            at = self._skip
+        cuts: list[int] = []
+        start = records = 0
+        while at + 5 <= n:
+            at += 5 + (data[at + 3] << 8 | data[at + 4])
+            records += 1
+            if (records == STEP_RECORDS or at - start >= STEP_BYTES) and at < n:
+                cuts.append(at)
+                start, records = at, 0
+        if at >= n:
+            self._skip = at - n
+        else:
+            self._skip, self._head = 0, bytes(data[at:])
+        cuts.append(n)
+        return cuts
+
+    def _read_loop(self, parts: list[bytes]) -> int:
+        """Read every record the incoming BIO holds into `parts`, each one accounted."""
+        incoming, read, pending = self._incoming, self._read, self._pending
+        while incoming.pending or pending():
+            before = incoming.pending
+            try:
+                chunk = read(SSL_READ_SIZE)
+            except ssl.SSLWantReadError:
+                return self._account(before - incoming.pending, 0)
+            except ssl.SSLError:
+                self._broken()
+                return _STOP
+            if not chunk:
+                return _CLOSE_NOTIFY
+            parts.append(chunk)
+            status = self._account(before - incoming.pending, len(chunk))
+            if status:
+                return status
+        return _DRAINED
+
+    def _account(self, consumed: int, plaintext: int) -> int:
+        """Rule 6. `consumed` bytes of ciphertext gave `plaintext` bytes: what did not become
+        plaintext counts, less RECORD_OVERHEAD for an application record. A record split
+        between reads counts until its end arrives and pays it back."""
+        noise = self._noise + consumed
+        if plaintext:
+            noise -= plaintext + RECORD_OVERHEAD
+            if noise < 0:
+                noise = 0
+        self._noise = noise
+        if noise > TLS_NOISE_LIMIT:
+            self._violate("tls_flood", f"more than {TLS_NOISE_LIMIT} bytes of TLS records "
+                          "with no application data (KeyUpdate or renegotiation flood)")
+            return _STOP
+        return _DRAINED
+
+    def _conclude(self, parts: list[bytes], status: int) -> None:
+        if status == _STOP:
+            return  # aborted: what came before is dropped with the connection
+        if parts:
+            chunk = parts[0] if len(parts) == 1 else b"".join(parts)
             peer = self.peer
             if peer is not None:
                 self.received += len(chunk)
                 peer.transport.write(chunk)  # type: ignore[union-attr]
             else:
                 Endpoint.data_received(self, chunk)
-        if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
+        if self._outgoing.pending:
             self._flush()
-        if closed:
+            if self.raw_paused:
+                self._check_cap()
+        if status == _CLOSE_NOTIFY:
             self._tls_closed()
 
+    # -- the handshake --------------------------------------------------------------------------
     def _do_handshake(self) -> bool:
         try:
             self.ssl_object.do_handshake()
@@ -324,13 +598,13 @@ class TlsEndpoint(Endpoint):
             self._fail(exc)
             return False
         self._flush()
-        self._ready = True
+        self._set_state(OPEN)
         if not self.handshake.done():  # cancelled if the session was (shutdown)
             self.handshake.set_result(None)
         return True
 
     def _fail(self, exc: BaseException) -> None:
-        self.failed = True
+        self._set_state(FAILED)
         self._incoming.read()  # drop the rest of the client's flight
         self._flush()  # the alert that says why
         if self.raw is not None and not self.raw.is_closing() and self.raw.can_write_eof():
@@ -343,10 +617,46 @@ class TlsEndpoint(Endpoint):
             self.handshake.set_exception(exc.with_traceback(None))
             self.handshake.exception()  # whoever awaits it still gets it; nobody must
 
+    # -- writing --------------------------------------------------------------------------------
+    def encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        """Into the outgoing BIO as records of at most TLS_RECORD_MAX bytes (one SSL_write
+        makes one record of up to 16 KiB)."""
+        write = self._encrypt
+        if len(data) <= TLS_RECORD_MAX:
+            write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), TLS_RECORD_MAX):
+            write(view[start:start + TLS_RECORD_MAX])
+
     def _flush(self) -> None:
         out = self._outgoing.read()
-        if out and self.raw is not None and not self.raw.is_closing():
-            self.raw.write(out)
+        raw = self.raw
+        if out and raw is not None and not raw.is_closing():
+            raw.write(out)
+
+    def _check_cap(self) -> None:
+        """Rule 4, where the relay makes the bytes: replies to what the client sent, and the
+        backend's stream. (What the session writes itself is its own to bound.)"""
+        raw = self.raw
+        if raw is not None and raw.get_write_buffer_size() + self._outgoing.pending > WRITE_CAP:
+            self._abort()
+
+    # -- ending ---------------------------------------------------------------------------------
+    def _violate(self, reason: str, detail: str) -> None:
+        self.violation = (reason, detail)
+        self._abort()
+
+    def _broken(self) -> None:
+        # a corrupt record, data after close_notify...: an ordinary disconnect, its alert sent
+        self._flush()
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.state is not CLOSED:
+            self._set_state(ABORTED)
+        if self.raw is not None:
+            self.raw.abort()
 
     def _tls_closed(self) -> None:
         # close_notify: TLS has no half-close, so the session ends as on a FIN
@@ -361,12 +671,13 @@ class TlsEndpoint(Endpoint):
             self._settle(ConnectionResetError("client closed during the TLS handshake"))
             self.eof = True
             return None
-        if self.failed:
+        if self.state is FAILED:
             self.eof = True
             return None  # the client read the alert and closed: close too
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._set_state(CLOSED)
         self._settle(exc or ConnectionResetError("connection closed during the TLS handshake"))
         super().connection_lost(exc)
         self.transport = None  # TlsTransport points back here: break the cycle
@@ -384,20 +695,28 @@ class ToTlsEndpoint(Endpoint):
         self.received += len(data)
         self.last = data[-6:]
         try:
-            peer.encrypt(data)  # a memory BIO takes it all: no partial write
+            # a memory BIO takes it all: no partial write
+            if len(data) <= TLS_RECORD_MAX:
+                peer._encrypt(data)
+            else:
+                peer.encrypt(data)
         except ssl.SSLError:
             return  # our close_notify went out (unwrap): the session is ending
         if peer.raw_paused:
-            if peer._outgoing.pending >= WRITE_HIGH_WATER and not peer.peer_paused:
-                peer.peer_paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+            self._hold(peer)
             return
         # peer._flush(), inlined: this is the per-message path
         out = peer._outgoing.read()
         raw = peer.raw
         if out and raw is not None and not raw.is_closing():
             raw.write(out)
+
+    def _hold(self, peer: TlsEndpoint) -> None:
+        """Rule 2: the ciphertext stays in the client's outgoing BIO; past WRITE_HIGH_WATER
+        there the backend stops (TlsEndpoint.resume_writing resumes it)."""
+        if peer._outgoing.pending >= WRITE_HIGH_WATER:
+            self._pause(PEER_FULL)
+            peer._check_cap()
 
 
 class TlsTransport(asyncio.Transport):
@@ -426,18 +745,21 @@ class TlsTransport(asyncio.Transport):
             return
         self._closing = True
         endpoint = self._endpoint
-        if endpoint._ready:
+        state = endpoint.state
+        if state is OPEN:
             # queues our close_notify; SSLWantReadError: the client's is not awaited
             with contextlib.suppress(ssl.SSLError, ValueError):
                 endpoint.ssl_object.unwrap()
             endpoint._flush()
-        if endpoint.failed and not endpoint.eof:
+        if state is FAILED and not endpoint.eof:
             return  # closed when the client closes; Endpoint.close()'s timer bounds the wait
+        if state is OPEN or state is HANDSHAKE:
+            endpoint._set_state(CLOSING)
         self._raw.close()
 
     def abort(self) -> None:
         self._closing = True
-        self._raw.abort()
+        self._endpoint._abort()
 
     def is_closing(self) -> bool:
         return self._closing or self._raw.is_closing()
@@ -449,10 +771,10 @@ class TlsTransport(asyncio.Transport):
         raise NotImplementedError("TLS has no half-close")
 
     def pause_reading(self) -> None:
-        self._raw.pause_reading()
+        self._endpoint._pause(ASKED)
 
     def resume_reading(self) -> None:
-        self._raw.resume_reading()
+        self._endpoint._resume(ASKED)
 
     def is_reading(self) -> bool:
         return self._raw.is_reading()

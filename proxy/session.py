@@ -628,6 +628,10 @@ class Session:
         self._reject(reason, message)
 
     def _reject(self, reason: str, detail: str) -> None:
+        violation = self.client.violation if self.client is not None else None
+        if violation is not None:
+            # the relay closed the client for it (a flood): what follows is its consequence
+            reason, detail = violation
         metrics.rejected(reason)
         self.outcome = reason
         self.detail = detail
@@ -640,6 +644,9 @@ class Session:
                 self.sock.close()
         if self.backend is not None:
             self.backend.close()
+        if (self.client is not None and self.client.violation is not None
+                and self.outcome in ("ok", "client_gone", "closed")):
+            self._reject(*self.client.violation)  # closed for cause while relaying
         self.flush_bytes()
         self.state.session_ended(self)
         fields: dict[str, Any] = {
