@@ -8,7 +8,8 @@ headers aside), decide policy or touch metrics: it only counts bytes in plain in
 session flushes, and names why it closed a client (`violation`), which the session records.
 
 Back-pressure: who pauses whom. A side reads while none of its reasons to pause holds (bits
-PEER_FULL, OWN_FULL, STARTUP, ASKED of `_paused`; `_pause()`/`_resume()`); one method per rule.
+PEER_FULL, OWN_FULL, STARTUP, ASKED, TURN of `_paused`; `_pause()`/`_resume()`), so the end of
+one reason never resumes a side another one holds; one method per rule.
 
     client ─▶ transport ─▶ Endpoint / TlsEndpoint (decrypt) ─────────▶ transport ─▶ backend
     client ◀─ raw transport ◀─ outgoing BIO ◀─ encrypt (ToTlsEndpoint) ◀─ transport ◀─ backend
