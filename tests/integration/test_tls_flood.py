@@ -139,9 +139,9 @@ def test_two_key_update_flooders_for_10_s(proxy: Proxy, pki: Path) -> None:
     # each connection sent at most the budget, a step, and what the kernel buffers held
     proxy.wait_metric("dwsproxy_connections_rejected_total", before_count + closed,
                       reason="tls_flood")
-    print(f"flood: closed {[f.closed_by_proxy for f in flooders]}, sent {[f.sent for f in flooders]}; "
-          f"psql {sorted(round(t, 3) for t in psql_times)}; RSS {rss_before} -> "
-          f"{rss_max} kB")
+    print(f"flood: closed {[f.closed_by_proxy for f in flooders]}, "
+          f"sent {[f.sent for f in flooders]}; psql {sorted(round(t, 3) for t in psql_times)}; "
+          f"RSS {rss_before} -> {rss_max} kB")
     assert (rss_max - rss_before) < 20 * 1024, (rss_before, rss_max)
     assert max(psql_times) < 1.5, psql_times
     assert set(health) == {200}, health
