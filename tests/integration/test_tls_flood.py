@@ -11,6 +11,7 @@ writes their records); the client that must still be served is psql.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -97,9 +98,20 @@ class Flooder(threading.Thread):
         return writer.renegotiation()
 
 
-def psql_select_1(proxy: Proxy, pki: Path) -> float:
-    import subprocess
+def flood_rejections(proxy: Proxy, before: float, at_least: int) -> float:
+    """rejected{reason=tls_flood} since `before`, once it reached `at_least` (or after 10 s:
+    a session is counted when it ends, just after its connection)."""
+    deadline = time.monotonic() + 10
+    while True:
+        counted = proxy.metric("dwsproxy_connections_rejected_total",
+                               reason="tls_flood") - before
+        if counted >= at_least or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.05)
 
+
+def psql_select_1(proxy: Proxy, pki: Path) -> float:
+    """Seconds for a real psql to connect (verify-full) and run SELECT 1."""
     assert PSQL is not None
     t0 = time.monotonic()
     out = subprocess.run(
@@ -136,9 +148,10 @@ def test_two_key_update_flooders_for_10_s(proxy: Proxy, pki: Path) -> None:
     assert not any(f.failures for f in flooders), [f.failures for f in flooders]
     closed = sum(f.closed_by_proxy for f in flooders)
     assert all(f.closed_by_proxy >= 3 for f in flooders), [f.closed_by_proxy for f in flooders]
-    # each connection sent at most the budget, a step, and what the kernel buffers held
-    proxy.wait_metric("dwsproxy_connections_rejected_total", before_count + closed,
-                      reason="tls_flood")
+    # Every connection a flooder saw cut off is counted; the one it was on when told to stop
+    # may have been cut off unseen, so up to one more per flooder.
+    counted = flood_rejections(proxy, before_count, closed)
+    assert closed <= counted <= closed + len(flooders), (closed, counted)
     print(f"flood: closed {[f.closed_by_proxy for f in flooders]}, "
           f"sent {[f.sent for f in flooders]}; psql {sorted(round(t, 3) for t in psql_times)}; "
           f"RSS {rss_before} -> {rss_max} kB")
@@ -160,8 +173,8 @@ def test_a_tls12_renegotiation_flooder_is_closed_and_counted(proxy: Proxy) -> No
     flooder.join(30)
     assert not flooder.failures, flooder.failures
     assert flooder.closed_by_proxy >= 3
-    proxy.wait_metric("dwsproxy_connections_rejected_total",
-                      before + flooder.closed_by_proxy, reason="tls_flood")
+    counted = flood_rejections(proxy, before, flooder.closed_by_proxy)
+    assert flooder.closed_by_proxy <= counted <= flooder.closed_by_proxy + 1
 
 
 def test_a_client_that_sends_a_few_key_updates_is_served(proxy: Proxy) -> None:
