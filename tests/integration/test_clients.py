@@ -10,10 +10,10 @@ shows them to its user, and the proxy's log line and metric for the same connect
 Must not: retry a connection or a query, or accept "some error" as a refusal.
 
 Each client is a separate process (client_probe.py for the Python ones, node/probe.js, pgjdbc's
-JdbcProbe from conftest.py), so that a hang is ended by a timeout and reported as a hang. One
-hang is expected until the proxy sends TLS records of at most 8 KB (issue 10 item 1): psycopg on
-libpq 15 stalls on about 3% of first large results; the probe proves that exact signature
-(see LIBPQ15_HANG) and only then is the case an xfail, never retried. Any other hang fails.
+JdbcProbe from conftest.py), so that a hang is ended by a timeout and reported as a hang, with
+the probe's diagnosis (client_probe.diagnose_hang). Every hang fails: the one psycopg on libpq
+15 had (the end of a result left inside OpenSSL after a 16 KB record, issue 10 item 1) is gone
+since the proxy sends records of at most 8 KB (test_libpq15.py).
 """
 
 from __future__ import annotations
@@ -263,24 +263,6 @@ def wait_session_line(proxy: Proxy, application_name: str, timeout: float = 10.0
     raise AssertionError(f"no log line for {application_name}:\n{proxy.log()[-3000:]}")
 
 
-# The known defect of issue 10 item 1, which a branch sending TLS records of at most 8 KB fixes;
-# remove this and is_libpq_pending_tls_hang when it lands. libpq <= 17 in non-blocking mode
-# reads a 16 KB record into less free buffer space, leaves the rest decrypted inside OpenSSL
-# and returns; psycopg then waits for the socket, which never becomes readable again. Seen
-# here on about 3% of fresh connections' first 500 KB result (4 of 150), never on libpq 18.
-LIBPQ15_HANG = ("known defect (issue 10 item 1): libpq 15 left the end of the result decrypted "
-                "inside OpenSSL (SSL_pending > 0, socket not readable) after a 16 KB TLS record "
-                "from the proxy; one more PQconsumeInput completed it")
-
-
-def is_libpq_pending_tls_hang(raw: dict[str, Any]) -> bool:
-    """Only that exact signature, proven by client_probe.diagnose_hang: the query hung, the
-    socket had nothing, OpenSSL held decrypted bytes, and consuming them finished the result.
-    Any other hang fails the test."""
-    return (raw.get("hung") == "query" and raw.get("socket_readable") is False
-            and (raw.get("ssl_pending") or 0) > 0 and raw.get("completed_by_consume_input") is True)
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_client(client: str, case: str, proxy: Proxy, pki: Path, revoked_cert: RevokedCert,
@@ -291,8 +273,6 @@ def test_client(client: str, case: str, proxy: Proxy, pki: Path, revoked_cert: R
     outcome = connect(client, spec, lazy_probe)
     line = wait_session_line(proxy, spec["application_name"])
     if outcome.raw.get("hung"):
-        if client == "psycopg-libpq15" and is_libpq_pending_tls_hang(outcome.raw):
-            pytest.xfail(LIBPQ15_HANG)
         pytest.fail(f"{client} hung in its {outcome.raw['hung']} after {CLIENT_TIMEOUT} s: "
                     f"{outcome.raw}")
     if case == "good":
