@@ -48,6 +48,8 @@ REJECT_REASONS = (
     "startup_timeout", "too_many_connections", "backend_unavailable",
     # SCRAM-SHA-256-PLUS chosen while the proxy's certificate is not the database's
     "channel_binding",
+    # dropped while still negotiating, for a newer connection (server.NegotiationBudget)
+    "negotiation_budget",
 )
 BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake")
 

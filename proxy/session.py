@@ -87,6 +87,7 @@ class Session:
         self.detail = ""
         self.linked = False
         self.negotiation = Negotiation(ssl=self.cfg.tls.ssl, direct_ssl=self.cfg.tls.direct_ssl)
+        self.evicted: str | None = None  # why the server dropped it (negotiation budget)
         self.flushed_c2b = 0
         self.flushed_b2c = 0
         self.idle_marker: tuple[int, int] = (0, 0)
@@ -103,6 +104,8 @@ class Session:
                 self._reject("startup_timeout",
                              f"start-up not finished within {self.cfg.listen.startup_timeout}s")
                 return
+            finally:
+                self.state.negotiated(self)  # out of the negotiation budget, whatever the end
             if allowed:
                 await self._connect_and_relay()
         except (ConnectionError, OSError) as exc:
@@ -217,6 +220,9 @@ class Session:
                 elif isinstance(action, AskPolicy):
                     event = await self._ask_policy(action.startup)
                 elif isinstance(action, Connect):
+                    if self.evicted is not None:  # dropped while the policy was asked
+                        self._reject("negotiation_budget", self.evicted)
+                        return False
                     return True
                 elif isinstance(action, Refuse):
                     if self.client is None:
@@ -371,8 +377,7 @@ class Session:
         if self.state.sessions_over_limit():
             return policy.Reject("too_many_connections", wire.TOO_MANY_CONNECTIONS,
                                  "sorry, too many clients already",
-                                 hint=f"the proxy allows listen.max_connections="
-                                      f"{self.cfg.listen.max_connections} client connections")
+                                 hint=self.state.too_many_hint())
         if startup.replication is None:
             value = startup.parameters["replication"]
             return policy.Reject("bad_startup", wire.INVALID_PARAMETER_VALUE,
@@ -621,6 +626,17 @@ class Session:
         self.client.close()
         return True
 
+    def evict(self, detail: str) -> None:
+        """Dropped by the server for a newer connection (the negotiation budget): whatever this
+        session waits on sees the client gone, and its end is recorded under that reason."""
+        self.evicted = detail
+        transport = self.client.transport if self.client is not None else None
+        if transport is not None:
+            transport.abort()
+        else:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # a raw read or peek now sees EOF
+
     # -- outcome --------------------------------------------------------------------------------
     def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "", *,
                 detail: str = "") -> None:
@@ -637,9 +653,14 @@ class Session:
         self._reject(reason, detail or message)
 
     def _quiet_close(self) -> None:
-        self.outcome = "empty"  # a bare TCP connect (port probe): not a rejection
+        if self.evicted is not None:
+            self._reject("negotiation_budget", self.evicted)
+        else:
+            self.outcome = "empty"  # a bare TCP connect (port probe): not a rejection
 
     def _reject(self, reason: str, detail: str) -> None:
+        if self.evicted is not None:  # what a dropped connection ran into is not why it ended
+            reason, detail = "negotiation_budget", self.evicted
         metrics.rejected(reason)
         self.outcome = reason
         self.detail = detail
