@@ -3,6 +3,7 @@ RLIMIT_NOFILE and a flood of idle sockets a real psql is still served, at once."
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import Proxy, raw_connect, run_psql
+
+from proxy import wire
 
 PRLIMIT = shutil.which("prlimit")
 IDLE = 300
@@ -72,3 +75,30 @@ def test_soft_nofile_is_raised_to_the_hard_limit(start_proxy: Callable[..., Prox
     assert "cannot be reached" not in proxy.log()
     status = (Path("/proc") / str(proxy.proc.pid) / "limits").read_text()
     assert re.search(r"Max open files\s+4096\s+4096", status), status
+
+
+def test_a_stalled_tls_handshake_is_dropped_for_a_new_client(start_proxy: Callable[..., Proxy],
+                                                             pki: Path) -> None:
+    """The oldest negotiating connection may already have a transport (here: mid-handshake)."""
+    proxy = start_proxy(listen={"max_connections": 8, "startup_timeout": 60.0},
+                        args=["--log-level", "debug"])
+    per_source = int(limits_line(proxy).group(5))
+    proxy.wait_log("outcome=empty")  # the fixture's port probe has ended
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(per_source):
+            sock = raw_connect(proxy.port)
+            sock.sendall(wire.build_request(wire.SSL_REQUEST_CODE))
+            assert sock.recv(1) == b"S"
+            sock.sendall(b"\x16\x03\x01\x02\x00")  # a record header; its 512 bytes never come
+            stalled.append(sock)
+        proc = run_psql(f"host=localhost port={proxy.port} user=postgres dbname=postgres "
+                        f"sslmode=require connect_timeout=10", "SELECT 'served'")
+        assert proc.returncode == 0 and proc.stdout.strip() == "served", proc.stderr
+        proxy.wait_metric("dwsproxy_connections_rejected_total", 1, reason="negotiation_budget")
+        with contextlib.suppress(ConnectionResetError):  # aborted: an RST is as good a close
+            assert stalled[0].recv(1) == b""
+        assert "outcome=negotiation_budget" in proxy.log()
+    finally:
+        for sock in stalled:
+            sock.close()
