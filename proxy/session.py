@@ -54,6 +54,7 @@ _PID = os.getpid()
 _CLIENT_HELLO = negotiation.ClientHello()
 _TLS_ESTABLISHED = negotiation.TlsEstablished()
 _ENCRYPTION_REQUESTS = (wire.SSLRequest, wire.GSSENCRequest)
+_FIRST_PACKETS = (wire.StartupMessage, wire.CancelRequest, wire.ProtocolViolation)
 
 
 class Session:
@@ -206,8 +207,14 @@ class Session:
             if event is None:
                 event = await self._read_event(neg.phase)
             pipelined = None
-            if isinstance(event, _ENCRYPTION_REQUESTS) and self.client is None:
-                pipelined = self._has_pending_bytes()
+            if self.client is None:
+                if isinstance(event, _ENCRYPTION_REQUESTS):
+                    pipelined = self._has_pending_bytes()
+                elif isinstance(event, _FIRST_PACKETS):
+                    # The loop owns the socket from here: what the client sent after this
+                    # packet is read (relayed after a StartupMessage, else dropped), so a close
+                    # is a FIN after any ErrorResponse, never an RST over unread bytes.
+                    self.client = await self._wrap()
             actions = neg.receive(event, pipelined)
             event = None
             for action in actions:
@@ -218,7 +225,7 @@ class Session:
                 elif isinstance(action, StartTls):
                     event = await self._start_tls()
                 elif isinstance(action, AskPolicy):
-                    event = await self._ask_policy(action.startup)
+                    event = self._ask_policy(action.startup)
                 elif isinstance(action, Connect):
                     if self.evicted is not None:  # dropped while the policy was asked
                         self._reject("negotiation_budget", self.evicted)
@@ -367,11 +374,9 @@ class Session:
                                  replication=event.replication == "physical")
         return policy.decide(self.cfg.tls, self.cfg.rules, self.facts)
 
-    async def _ask_policy(self, startup: wire.StartupMessage) -> policy.Decision:
+    def _ask_policy(self, startup: wire.StartupMessage) -> policy.Decision:
         """The decision on a StartupMessage: the connection limit, the replication parameter,
         then policy.decide; the negotiation turns it into Connect or a refusal."""
-        if self.client is None:  # plaintext: from here on the loop owns the socket
-            self.client = await self._wrap()
         self._catch_up()
         self.startup = startup
         if self.state.sessions_over_limit():

@@ -29,7 +29,7 @@ with atheris.instrument_imports(include=["proxy.relay"]):
 
 from proxy import certs
 from proxy.config import TlsConfig
-from proxy.tls import build_server_tls
+from proxy.loader import server_tls as build_server_tls
 
 
 class FakeTransport(asyncio.Transport):
