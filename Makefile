@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NODE   := tests/integration/node
 NODE_STAMP := $(NODE)/node_modules/.installed
 
-.PHONY: setup system-deps demo test unit lint bench clean
+.PHONY: setup system-deps demo test unit lint fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy tests benchmarks
 	$(VENV)/bin/mypy --strict --ignore-missing-imports proxy
 
+# Coverage-guided fuzzing (atheris): each target for FUZZ_SECONDS, its working corpus in .fuzz/
+# (the seeds in tests/fuzz/corpus stay as they are); a finding is written to .fuzz/ and fails.
+# `make test` runs a short pass of the same targets (tests/fuzz/test_fuzz.py).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := negotiation tls_records
+fuzz: $(STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p .fuzz/$$target; \
+	  echo "fuzz_$$target: $(FUZZ_SECONDS)s"; \
+	  $(PY) tests/fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -print_final_stats=1 -artifact_prefix=.fuzz/ \
+	    $$([ -f tests/fuzz/$$target.dict ] && echo -dict=tests/fuzz/$$target.dict) \
+	    .fuzz/$$target tests/fuzz/corpus/$$target \
+	    > .fuzz/$$target.log 2>&1; status=$$?; \
+	  grep -E '^(#[0-9]+[[:space:]]+(INITED|DONE)|Done|stat::|==|Traceback|  File|[A-Za-z]*Error)' \
+	    .fuzz/$$target.log; \
+	  [ $$status -eq 0 ] || { echo "fuzz_$$target failed ($$status): .fuzz/$$target.log"; exit 1; }; \
+	done
+
 bench: setup
 	benchmarks/run
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache $(NODE)/node_modules
+	rm -rf $(VENV) demo .pytest_cache .fuzz $(NODE)/node_modules

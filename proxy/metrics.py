@@ -51,6 +51,8 @@ REJECT_REASONS = (
     # a TLS client closed for post-handshake floods (KeyUpdate, renegotiation; relay.py rule
     # 6), before or after the backend: a relayed one is in dwsproxy_connections_total too
     "tls_flood",
+    # dropped while still negotiating, for a newer connection (server.NegotiationBudget)
+    "negotiation_budget",
 )
 BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake")
 

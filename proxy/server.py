@@ -1,10 +1,19 @@
 """Listeners, workers, signals and limits.
 
 Owns: the accept loop, the count of open and admitted connections (max_connections), the
-once-a-second tick (byte counters, idle_timeout), the backend health check, SIGHUP reload,
-SIGTERM/SIGINT graceful shutdown, and — with `workers > 1` — a supervising parent that serves
-the metrics of all workers and restarts a worker that dies. Must not parse the protocol or
-decide policy.
+descriptor limits (RLIMIT_NOFILE raised, the socket ceiling derived from it) and the
+negotiation budget, the once-a-second tick (byte counters, idle_timeout), the backend health
+check, SIGHUP reload, SIGTERM/SIGINT graceful shutdown, and — with `workers > 1` — a supervising
+parent that serves the metrics of all workers and restarts a worker that dies. Must not parse
+the protocol or decide policy.
+
+Descriptors, per worker process: every client socket may need a second descriptor (its backend,
+or the connection its CancelRequest is forwarded on), so the client sockets open at once are
+at most half of what RLIMIT_NOFILE leaves after the descriptors open at start and a reserve.
+Of those, connections still negotiating (no StartupMessage allowed yet) have their own, smaller
+budget, and one source address at most half of it: when it is full the oldest negotiating
+connection is dropped for the new one (`negotiation_budget`), so idle sockets, which are old by
+the time a real client comes, cannot keep it out.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ import gc
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import admin, loader, metrics, sdnotify
 from . import backend as backend_mod
@@ -48,10 +59,142 @@ CANCEL_BURST = 40.0
 CANCEL_SOURCES = 4096  # addresses remembered; the least recently seen is forgotten first
 
 
+# Descriptors kept free besides the client sockets and their backends: metrics scrapes and
+# /healthz, the backend health check, log files, closes still flushing (relay.CLOSE_TIMEOUT).
+FD_RESERVE = 32
+# Client sockets dropped for the negotiation budget close when their task next runs; accepting
+# pauses once this many more than the ceiling are open, so that cannot overrun the descriptors.
+EVICT_SLACK = 16
+MIN_NEGOTIATING = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one worker holds at once, from its share of max_connections and its descriptors."""
+
+    nofile: int  # the soft RLIMIT_NOFILE in force
+    in_use: int  # descriptors open when the limits were taken (listening socket, loop, logs)
+    share: int  # this worker's share of listen.max_connections
+    relayed: int  # sessions admitted (past their StartupMessage): min(share, descriptors)
+    negotiating: int  # connections not yet allowed, the negotiation budget
+    per_source: int  # of those, from one source address
+
+    @property
+    def sockets(self) -> int:
+        """The client-socket ceiling."""
+        return self.relayed + self.negotiating
+
+    @property
+    def reserve(self) -> int:
+        return FD_RESERVE + EVICT_SLACK
+
+    def describe(self) -> str:
+        return (f"RLIMIT_NOFILE {self.nofile}, {self.in_use} descriptors in use, "
+                f"{self.reserve} reserved: at most {self.sockets} client sockets at once, "
+                f"{self.relayed} relayed sessions (2 descriptors each) and "
+                f"{self.negotiating} connections negotiating ({self.per_source} per source "
+                f"address)")
+
+
+def compute_limits(share: int, nofile: int, in_use: int) -> Limits:
+    """Why these sizes: a relayed session needs 2 descriptors, and so may a negotiating one (a
+    backend connect once allowed, or a forwarded CancelRequest). The negotiation budget is a
+    quarter of the share (at least 16): a burst of real clients is mid-handshake for a few ms
+    each, far fewer at once than the sessions they open, while every idle socket of a flood sits
+    in it; it is at most a third of what the descriptors allow, so relayed sessions keep the
+    rest. One source address may hold half of it: a flood from one address leaves the other
+    half to everyone else, and clients behind one NAT or load balancer still get half."""
+    ceiling = max(2, (nofile - in_use - FD_RESERVE - EVICT_SLACK) // 2)
+    negotiating = max(1, min(max(MIN_NEGOTIATING, share // 4), ceiling // 3))
+    relayed = max(1, min(share, ceiling - negotiating))
+    return Limits(nofile=nofile, in_use=in_use, share=share, relayed=relayed,
+                  negotiating=negotiating, per_source=max(1, negotiating // 2))
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: (soft limit before, soft limit now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return (soft, soft) if soft != resource.RLIM_INFINITY else (target, target)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    return soft, target
+
+
+def _nr_open() -> int:
+    # Linux refuses a limit above fs.nr_open even when the hard limit is "unlimited".
+    try:
+        with open("/proc/sys/fs/nr_open") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def descriptors_in_use() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder)) - 1  # less the one listdir itself opened
+        except OSError:
+            continue
+    return FD_RESERVE  # cannot tell: assume a reserve's worth
+
+
+class Evictable(Protocol):
+    def evict(self, detail: str) -> None: ...
+
+
+class NegotiationBudget:
+    """Connections still negotiating, oldest first (dicts keep insertion order), in all and by
+    source address. A new one that finds the budget or its source's cap full evicts the oldest
+    there, never itself: a flood's idle sockets are always older than a real client."""
+
+    def __init__(self) -> None:
+        self.negotiating: dict[Evictable, str] = {}
+        self.by_source: dict[str, dict[Evictable, None]] = {}
+        self.evicted = 0
+
+    def enter(self, session: Evictable, source: str, limits: Limits) -> None:
+        peers = self.by_source.get(source)
+        if peers is not None and len(peers) >= limits.per_source:
+            self._evict(next(iter(peers)),
+                        f"dropped for a newer connection from {source}: {len(peers)} "
+                        f"connections from that address were negotiating (per-source cap "
+                        f"{limits.per_source}), this one the longest")
+        if len(self.negotiating) >= limits.negotiating:
+            self._evict(next(iter(self.negotiating)),
+                        f"dropped for a newer connection: {len(self.negotiating)} connections "
+                        f"were negotiating (negotiation budget {limits.negotiating}), this one "
+                        f"the longest")
+        self.negotiating[session] = source
+        peers = self.by_source.get(source)
+        if peers is None:
+            peers = self.by_source[source] = {}
+        peers[session] = None
+
+    def leave(self, session: Evictable) -> None:
+        source = self.negotiating.pop(session, None)
+        if source is None:
+            return
+        peers = self.by_source[source]
+        del peers[session]
+        if not peers:
+            del self.by_source[source]
+
+    def _evict(self, victim: Evictable, detail: str) -> None:
+        self.leave(victim)
+        self.evicted += 1
+        victim.evict(detail)
+
+
 class ServerState:
     """What every session of one process shares: the config in force and the counts."""
 
-    def __init__(self, cfg: Config, processes: int = 1) -> None:
+    def __init__(self, cfg: Config, processes: int = 1, *, nofile: int | None = None,
+                 in_use: int | None = None) -> None:
         self.config = cfg
         # The processes actually serving the port, fixed at start: a reloaded `workers` value
         # only applies after a restart, so it must not change this process's share.
@@ -65,6 +208,13 @@ class ServerState:
         self._next_id = 0
         self.last_reload: dict[str, object] = {"result": None, "at": None, "error": None}
         self.loaded_at = _now_rfc3339()
+        self.budget = NegotiationBudget()
+        self.nofile = nofile if nofile is not None else \
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.in_use = in_use if in_use is not None else descriptors_in_use()
+        self._limits: Limits | None = None
+        self._limits_for: Config | None = None
+        self.on_capacity: Callable[[], None] | None = None  # a listener paused at the ceiling
 
     def register(self, session: Session) -> str:
         self._next_id += 1
@@ -73,10 +223,32 @@ class ServerState:
         return sid
 
     @property
+    def limits(self) -> Limits:
+        # Taken again when a reload changed the config (max_connections may have changed).
+        if self._limits_for is not self.config:
+            # Each worker admits its share: workers do not share counters, and SO_REUSEPORT
+            # spreads clients evenly, so the proxy as a whole stays within max_connections.
+            share = -(-self.config.listen.max_connections // self.processes)
+            old, self._limits = self._limits, compute_limits(share, self.nofile, self.in_use)
+            self._limits_for = self.config
+            if old is not None and old != self._limits:
+                log.info("descriptor limits for the new configuration: %s",
+                         self._limits.describe())
+        assert self._limits is not None
+        return self._limits
+
+    @property
     def max_connections(self) -> int:
-        # Each worker admits its share: workers do not share counters, and SO_REUSEPORT spreads
-        # clients evenly, so the proxy as a whole stays within listen.max_connections.
-        return -(-self.config.listen.max_connections // self.processes)
+        return self.limits.relayed
+
+    def too_many_hint(self) -> str:
+        limits = self.limits
+        if limits.relayed < limits.share:
+            return (f"this proxy process allows {limits.relayed} client connections: its "
+                    f"descriptor limit (RLIMIT_NOFILE {limits.nofile}) is below what "
+                    f"listen.max_connections={self.config.listen.max_connections} needs")
+        return (f"the proxy allows listen.max_connections={self.config.listen.max_connections} "
+                "client connections")
 
     cancel_rate_text = f"{CANCEL_BURST:.0f} cancel requests at once or {CANCEL_RATE:.0f}/s"
 
@@ -96,23 +268,22 @@ class ServerState:
         return allowed
 
     def sessions_over_limit(self) -> bool:
-        if self.admitted >= self.max_connections:
+        if self.admitted >= self.limits.relayed:
             return True
         self.admitted += 1
         return False
 
+    def negotiated(self, session: Session) -> None:
+        self.budget.leave(session)
+
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
         self.open -= 1
+        self.budget.leave(session)
         if session.startup is not None and session.outcome != "too_many_connections":
             self.admitted = max(0, self.admitted - 1)
-
-    @property
-    def hard_limit(self) -> int:
-        # Past max_connections a client still gets a proper 53300 after its start-up (as
-        # PostgreSQL does); past this many open sockets it is closed at once, so a flood cannot
-        # make the proxy spend handshakes without bound.
-        return self.max_connections * 2 + 100
+        if self.on_capacity is not None and self.open < self.limits.sockets + EVICT_SLACK:
+            self.on_capacity()
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -136,13 +307,33 @@ class Listener:
         self.sock = sock
         self.state = state
         self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(sock.fileno(), self._on_readable)
         self.accepting = True
+        self.watching = False
+        self._watch()
+
+    def _watch(self) -> None:
+        if self.accepting and not self.watching:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self.watching = True
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.loop.remove_reader(self.sock.fileno())
+            self.watching = False
 
     def _on_readable(self) -> None:
+        state = self.state
+        limits = state.limits
+        budget = state.budget
         for _ in range(ACCEPT_BATCH):
+            if state.open >= limits.sockets + EVICT_SLACK:
+                # At the descriptor ceiling: new clients wait in the kernel's backlog, not
+                # refused, until a session ends (session_ended calls on_capacity).
+                self._unwatch()
+                state.on_capacity = self._resume_at_capacity
+                return
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -150,29 +341,26 @@ class Listener:
                     # Out of descriptors or memory: the listening socket stays readable, so
                     # stop watching it for a second instead of spinning (as asyncio does).
                     log.error("accept failed: %s; pausing accepts for 1s", exc)
-                    self.loop.remove_reader(self.sock.fileno())
-                    self.loop.call_later(1.0, self._resume)
+                    self._unwatch()
+                    self.loop.call_later(1.0, self._watch)
                 else:
                     log.warning("accept failed: %s", exc)
                 return
-            state = self.state
-            if state.open >= state.hard_limit:
-                metrics.rejected("too_many_connections")
-                conn.close()
-                continue
             state.open += 1
-            task = self.loop.create_task(Session(conn, state).run())
+            session = Session(conn, state)
+            budget.enter(session, addr[0] if isinstance(addr, tuple) else "", limits)
+            task = self.loop.create_task(session.run())
             state.tasks.add(task)
             task.add_done_callback(state.tasks.discard)
 
-    def _resume(self) -> None:
-        if self.accepting:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+    def _resume_at_capacity(self) -> None:
+        self.state.on_capacity = None
+        self._watch()
 
     def close(self) -> None:
         if self.accepting:
             self.accepting = False
-            self.loop.remove_reader(self.sock.fileno())
+            self._unwatch()
             self.sock.close()
 
 
@@ -328,14 +516,23 @@ async def serve(cfg: Config, *, worker: bool = False,
     `workers > 1` starts and watches the other workers, which get their configuration from it
     over `control`. Returns the exit status."""
     loop = asyncio.get_running_loop()
-    # The number of processes is the one started with: a reload cannot change it.
-    state = ServerState(cfg, processes=cfg.listen.workers)
+    soft_before, nofile = raise_nofile()
     try:
         sock = make_listen_socket(cfg.listen.host, cfg.listen.port,
                                   reuse_port=cfg.listen.workers > 1)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", cfg.listen.host, cfg.listen.port, exc.strerror)
         return 1
+    # The number of processes is the one started with: a reload cannot change it.
+    state = ServerState(cfg, processes=cfg.listen.workers, nofile=nofile)
+    limits = state.limits
+    raised = f" (soft limit raised from {soft_before})" if soft_before != nofile else ""
+    log.info("descriptor limits%s: %s", raised, limits.describe())
+    if limits.relayed < limits.share:
+        log.warning("listen.max_connections=%d cannot be reached: RLIMIT_NOFILE %d leaves "
+                    "descriptors for %d sessions in this process, which admits %d; raise the "
+                    "hard limit (ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=)",
+                    cfg.listen.max_connections, nofile, limits.relayed, limits.share)
     listener = Listener(sock, state)
     bound = sock.getsockname()
     log.info("listening on %s:%s (pid %d)", bound[0], bound[1], os.getpid())

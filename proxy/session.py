@@ -1,9 +1,10 @@
 """One client from its first byte to its close.
 
-Owns: the negotiation (SSLRequest / GSSENCRequest / CancelRequest / direct TLS / StartupMessage),
-gathering the facts the policy needs, acting on its decision (ErrorResponse or backend connect),
-handing both sides to the relay, and recording one outcome: one metric and one log line.
-Must not decide policy (policy.py) nor parse packets itself (wire.py).
+Owns: carrying out the negotiation's actions (negotiation.py decides which packet may come when:
+SSLRequest / GSSENCRequest / CancelRequest / direct TLS / StartupMessage), gathering the facts
+the policy needs, acting on its decision (ErrorResponse or backend connect), handing both sides
+to the relay, and recording one outcome: one metric and one log line. Must not decide the order
+of packets (negotiation.py) or policy (policy.py), nor parse packets itself (wire.py).
 
 The first read is done on the raw, non-blocking socket, before any asyncio transport exists:
 the proxy peeks (MSG_PEEK) at the first byte, so a direct-TLS ClientHello stays in the kernel for
@@ -27,7 +28,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import backend as backend_mod
-from . import metrics, policy, tls, wire
+from . import metrics, negotiation, policy, tls, wire
+from .negotiation import (
+    AskPolicy,
+    Close,
+    Connect,
+    ForwardCancel,
+    Negotiation,
+    Phase,
+    Refuse,
+    Reply,
+    StartTls,
+)
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
 ALPN_OFFER = tls.ALPN_POSTGRESQL.encode()
@@ -39,6 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsproxy.session")
 
 _PID = os.getpid()
+_CLIENT_HELLO = negotiation.ClientHello()
+_TLS_ESTABLISHED = negotiation.TlsEstablished()
+_ENCRYPTION_REQUESTS = (wire.SSLRequest, wire.GSSENCRequest)
+_FIRST_PACKETS = (wire.StartupMessage, wire.CancelRequest, wire.ProtocolViolation)
 
 
 class Session:
@@ -71,8 +87,8 @@ class Session:
         self.outcome = "closed"
         self.detail = ""
         self.linked = False
-        self.bytes_seen = 0
-        self.ssl_refused = False  # we answered an SSLRequest with N
+        self.negotiation = Negotiation(ssl=self.cfg.tls.ssl, direct_ssl=self.cfg.tls.direct_ssl)
+        self.evicted: str | None = None  # why the server dropped it (negotiation budget)
         self.flushed_c2b = 0
         self.flushed_b2c = 0
         self.idle_marker: tuple[int, int] = (0, 0)
@@ -89,6 +105,8 @@ class Session:
                 self._reject("startup_timeout",
                              f"start-up not finished within {self.cfg.listen.startup_timeout}s")
                 return
+            finally:
+                self.state.negotiated(self)  # out of the negotiation budget, whatever the end
             if allowed:
                 await self._connect_and_relay()
         except (ConnectionError, OSError) as exc:
@@ -147,8 +165,6 @@ class Session:
             except (BlockingIOError, InterruptedError):
                 await self._wait_readable()
                 continue
-            if not peek:
-                self.bytes_seen += len(data)
             return data
 
     def _has_pending_bytes(self) -> bool:
@@ -157,7 +173,7 @@ class Session:
         except (BlockingIOError, InterruptedError):
             return False
 
-    async def _read_raw_packet(self) -> wire.Event | None:
+    async def _read_raw_packet(self) -> wire.Event | negotiation.Eof:
         buf = bytearray()
         while True:
             event, _ = wire.parse_startup_packet(buf)
@@ -165,62 +181,75 @@ class Session:
                 return event
             data = await self._recv(event.count)
             if not data:
-                return None
+                return negotiation.Eof(partial=bool(buf))
             buf += data
 
-    # -- negotiation ----------------------------------------------------------------------------
-    async def _negotiate(self) -> bool:
-        tls_cfg = self.cfg.tls
-        while True:
+    # -- negotiation: negotiation.py decides the order, this carries out its actions ------------
+    async def _read_event(self, phase: Phase) -> negotiation.Event:
+        if phase is Phase.START:
             first = await self._recv(1, peek=True)
             if not first:
-                if self.ssl_refused:
-                    self._reject("ssl_disabled", "client closed after SSLRequest was answered N "
-                                 "(ssl is off; it requires SSL)")
-                elif self.bytes_seen:
-                    self._reject("bad_startup", "client closed mid-negotiation")
-                else:
-                    self.outcome = "empty"  # a bare TCP connect (port probe): not a rejection
-                return False
+                return negotiation.Eof()
             if first[0] == wire.TLS_HANDSHAKE_BYTE:
-                if not tls_cfg.ssl or not tls_cfg.direct_ssl:
-                    self._reject("ssl_disabled", "direct TLS ClientHello refused: "
-                                 + ("ssl is off" if not tls_cfg.ssl else "direct_ssl is off"))
-                    return False
-                self.direct = True
-                hello = await self._read_client_hello()
-                if hello is None:
-                    self._reject("tls_handshake", "client closed in the middle of its "
-                                 "ClientHello")
-                    return False
-                return await self._start_tls(*hello)
-            event = await self._read_raw_packet()
+                return _CLIENT_HELLO
+        elif phase is Phase.TLS:
+            assert self.client is not None
+            event = await self.client.read_packet()
             if event is None:
-                self._reject("bad_startup", "client closed in the middle of a start-up packet")
-                return False
-            if isinstance(event, wire.SSLRequest):
-                if self._has_pending_bytes():
-                    # CVE-2021-23214: bytes sent before our answer could have been injected by a
-                    # man in the middle; never let them reach the TLS or the backend.
-                    await self._send_raw(_refusal(
-                        "bad_startup", wire.PROTOCOL_VIOLATION,
-                        "received unencrypted data after SSL request"))
-                    self._reject("bad_startup", "unencrypted data after SSLRequest "
-                                 "(CVE-2021-23214)")
+                return negotiation.Eof(partial=bool(self.client.buffer))
+            return event
+        return await self._read_raw_packet()
+
+    async def _negotiate(self) -> bool:
+        neg = self.negotiation
+        event: negotiation.Event | None = None
+        while True:
+            if event is None:
+                event = await self._read_event(neg.phase)
+            pipelined = None
+            if self.client is None:
+                if isinstance(event, _ENCRYPTION_REQUESTS):
+                    pipelined = self._has_pending_bytes()
+                elif isinstance(event, _FIRST_PACKETS):
+                    # The loop owns the socket from here: what the client sent after this
+                    # packet is read (relayed after a StartupMessage, else dropped), so a close
+                    # is a FIN after any ErrorResponse, never an RST over unread bytes.
+                    self.client = await self._wrap()
+            actions = neg.receive(event, pipelined)
+            event = None
+            for action in actions:
+                if isinstance(action, Reply):
+                    if action.request == "SSLRequest":
+                        metrics.ssl_request(action.answer.decode())
+                    await self._send_raw(action.answer)
+                elif isinstance(action, StartTls):
+                    event = await self._start_tls()
+                elif isinstance(action, AskPolicy):
+                    event = self._ask_policy(action.startup)
+                elif isinstance(action, Connect):
+                    if self.evicted is not None:  # dropped while the policy was asked
+                        self._reject("negotiation_budget", self.evicted)
+                        return False
+                    return True
+                elif isinstance(action, Refuse):
+                    if self.client is None:
+                        await self._refuse_raw(action.reason, action.sqlstate, action.message,
+                                               action.hint, detail=action.detail)
+                    else:
+                        self._refuse(action.reason, action.sqlstate, action.message,
+                                     action.hint, detail=action.detail)
                     return False
-                if tls_cfg.ssl:
-                    metrics.ssl_request("S")
-                    await self._send_raw(wire.SSL_ACCEPT)
-                    return await self._start_tls()
-                metrics.ssl_request("N")
-                self.ssl_refused = True
-                await self._send_raw(wire.SSL_REFUSE)
-                continue
-            if isinstance(event, wire.GSSENCRequest):
-                await self._send_raw(wire.SSL_REFUSE)  # no GSSAPI encryption: the client goes on
-                continue
-            self.client = await self._wrap()
-            return await self._handle_first_packet(event)
+                elif isinstance(action, Close):
+                    if action.reason == "empty":
+                        self._quiet_close()
+                    else:
+                        self._reject(action.reason, action.detail)
+                    return False
+                else:
+                    assert isinstance(action, ForwardCancel)
+                    self._catch_up()
+                    await self._cancel(action.request)
+                    return False
 
     async def _wrap(self) -> Endpoint:
         endpoint = Endpoint()
@@ -272,9 +301,17 @@ class Session:
             buf += data
         return buf
 
-    async def _start_tls(self, records: bytes = b"", hello: bytes | None = None) -> bool:
+    async def _start_tls(self) -> negotiation.TlsEstablished | negotiation.TlsFailed:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
+        records, hello = b"", None
+        self.direct = self.negotiation.direct
+        if self.direct:
+            read = await self._read_client_hello()
+            if read is None:
+                return negotiation.TlsFailed("tls_handshake",
+                                             "client closed in the middle of its ClientHello")
+            records, hello = read
         t0 = time.perf_counter()
         client = TlsEndpoint(server_tls.context)
         if records:  # direct TLS: no ALPN "postgresql" in the offer, or no readable offer
@@ -287,9 +324,7 @@ class Session:
         try:
             await client.handshake
         except (ssl.SSLError, ConnectionError, OSError) as exc:
-            reason, text = tls.handshake_failure(exc)
-            self._reject(reason, text)
-            return False
+            return negotiation.TlsFailed(*tls.handshake_failure(exc))
         metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - t0)
         self.encrypted = True
         sslobj = client.ssl_object
@@ -300,14 +335,7 @@ class Session:
         self.peer_chain = tls.peer_chain(sslobj)
         if self.peer_chain is not None:
             self.cert_error = self._check_certificate(server_tls)
-        event = await self.client.read_packet()
-        if event is None:
-            self._reject("tls_handshake", "client closed right after the TLS handshake "
-                         "(did it reject the server certificate or host name?)")
-            return False
-        if isinstance(event, (wire.SSLRequest, wire.GSSENCRequest)):
-            event = wire.ProtocolViolation("unexpected encryption request inside TLS")
-        return await self._handle_first_packet(event)
+        return _TLS_ESTABLISHED
 
     def _check_certificate(self, server_tls: tls.ServerTls) -> tuple[str, str] | None:
         """Facts of the presented certificate and OpenSSL's verdict on it with the CRLs of
@@ -346,38 +374,22 @@ class Session:
                                  replication=event.replication == "physical")
         return policy.decide(self.cfg.tls, self.cfg.rules, self.facts)
 
-    async def _handle_first_packet(self, event: wire.Event) -> bool:
+    def _ask_policy(self, startup: wire.StartupMessage) -> policy.Decision:
+        """The decision on a StartupMessage: the connection limit, the replication parameter,
+        then policy.decide; the negotiation turns it into Connect or a refusal."""
         self._catch_up()
-        if isinstance(event, wire.CancelRequest):
-            await self._cancel(event)
-            return False
-        if isinstance(event, wire.ProtocolViolation):
-            if event.reply:
-                self._refuse("bad_startup", event.sqlstate, event.message)
-            else:
-                self._reject("bad_startup", event.message)
-            return False
-        assert isinstance(event, wire.StartupMessage)
-        self.startup = event
+        self.startup = startup
         if self.state.sessions_over_limit():
-            self._refuse("too_many_connections", wire.TOO_MANY_CONNECTIONS,
-                         "sorry, too many clients already",
-                         hint=f"the proxy allows listen.max_connections="
-                              f"{self.cfg.listen.max_connections} client connections")
-            return False
-        replication = event.replication
-        if replication is None:
-            value = event.parameters["replication"]
-            self._refuse("bad_startup", wire.INVALID_PARAMETER_VALUE,
-                         f"invalid value for parameter \"replication\": \"{value}\"",
-                         hint="Valid values are: \"false\", 0, \"true\", 1, \"database\".")
-            return False
-        decision = self._decide()
-        if isinstance(decision, policy.Reject):
-            self._refuse(decision.reason, decision.sqlstate, decision.message,
-                         hint=decision.hint)
-            return False
-        return True
+            return policy.Reject("too_many_connections", wire.TOO_MANY_CONNECTIONS,
+                                 "sorry, too many clients already",
+                                 hint=self.state.too_many_hint())
+        if startup.replication is None:
+            value = startup.parameters["replication"]
+            return policy.Reject("bad_startup", wire.INVALID_PARAMETER_VALUE,
+                                 f"invalid value for parameter \"replication\": \"{value}\"",
+                                 hint="Valid values are: \"false\", 0, \"true\", 1, "
+                                      "\"database\".")
+        return self._decide()
 
     def _facts(self, **startup: Any) -> policy.Facts:
         return policy.Facts(
@@ -619,17 +631,43 @@ class Session:
         self.client.close()
         return True
 
+    def evict(self, detail: str) -> None:
+        """Dropped by the server for a newer connection (the negotiation budget): whatever this
+        session waits on sees the client gone, and its end is recorded under that reason."""
+        self.evicted = detail
+        transport = self.client.transport if self.client is not None else None
+        if transport is not None:
+            transport.abort()
+        else:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # a raw read or peek now sees EOF
+
     # -- outcome --------------------------------------------------------------------------------
-    def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "") -> None:
+    def _refuse(self, reason: str, sqlstate: str, message: str, hint: str = "", *,
+                detail: str = "") -> None:
         """An ErrorResponse to the client, then the rejection recorded."""
         transport = self.client.transport if self.client is not None else None
         if transport is not None and not transport.is_closing():  # uvloop raises once closed
             transport.write(_refusal(reason, sqlstate, message, hint))
-        self._reject(reason, message)
+        self._reject(reason, detail or message)
+
+    async def _refuse_raw(self, reason: str, sqlstate: str, message: str, hint: str = "", *,
+                          detail: str = "") -> None:
+        """_refuse() before the socket has a transport."""
+        await self._send_raw(_refusal(reason, sqlstate, message, hint))
+        self._reject(reason, detail or message)
+
+    def _quiet_close(self) -> None:
+        if self.evicted is not None:
+            self._reject("negotiation_budget", self.evicted)
+        else:
+            self.outcome = "empty"  # a bare TCP connect (port probe): not a rejection
 
     def _reject(self, reason: str, detail: str) -> None:
         violation = self.client.violation if self.client is not None else None
-        if violation is not None:
+        if self.evicted is not None:  # what a dropped connection ran into is not why it ended
+            reason, detail = "negotiation_budget", self.evicted
+        elif violation is not None:
             # the relay closed the client for it (a flood): what follows is its consequence
             reason, detail = violation
         metrics.rejected(reason)

@@ -146,15 +146,8 @@ def parse_startup_packet(buf: bytes | bytearray) -> tuple[Event, int]:
         if 16 <= length <= 12 + 256:
             return CancelRequest(packet), length
         return _bad_length("CancelRequest", length), length
-    major, minor = code >> 16, code & 0xFFFF
-    if major != 3:
-        return (
-            ProtocolViolation(
-                f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2",
-                sqlstate=FEATURE_NOT_SUPPORTED,
-            ),
-            length,
-        )
+    if code >> 16 != 3:
+        return unsupported_protocol(code), length
     params = _parse_parameters(packet[8:])
     if isinstance(params, ProtocolViolation):
         return params, length
@@ -166,7 +159,17 @@ def parse_startup_packet(buf: bytes | bytearray) -> tuple[Event, int]:
             ),
             length,
         )
-    return StartupMessage(packet, major, minor, params), length
+    return StartupMessage(packet, code >> 16, code & 0xFFFF, params), length
+
+
+def unsupported_protocol(code: int) -> ProtocolViolation:
+    """What PostgreSQL answers a packet whose code is no protocol 3 version: also an SSLRequest
+    or GSSENCRequest it no longer expects (1234.5679 / 1234.5680 read as a version number)."""
+    major, minor = code >> 16, code & 0xFFFF
+    return ProtocolViolation(
+        f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2",
+        sqlstate=FEATURE_NOT_SUPPORTED,
+    )
 
 
 def _bad_length(what: str, length: int) -> ProtocolViolation:

@@ -97,7 +97,9 @@ class Proxy:
     def __init__(self, folder: Path, pg_port: int, pki: Path, *, tls: dict[str, Any] | None = None,
                  listen: dict[str, Any] | None = None, backend: dict[str, Any] | None = None,
                  rules: list[dict[str, Any]] | None = None, args: list[str] | None = None,
-                 metrics: dict[str, Any] | None = None) -> None:
+                 metrics: dict[str, Any] | None = None,
+                 wrap: list[str] | None = None) -> None:
+        """`wrap`: a command that runs the proxy, e.g. ["prlimit", "--nofile=256"]."""
         self.folder = folder
         self.port = free_port()
         self.metrics_port = free_port()
@@ -121,8 +123,8 @@ class Proxy:
         self.pid_file = folder / f"proxy-{self.port}.pid"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(self.config_path), "--pid-file",
-             str(self.pid_file), *(args or [])],
+            [*(wrap or []), sys.executable, "-m", "proxy", "--config", str(self.config_path),
+             "--pid-file", str(self.pid_file), *(args or [])],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             wait_port(self.port, 20)

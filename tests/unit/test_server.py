@@ -1,0 +1,144 @@
+"""server.py's descriptor limits and negotiation budget, without sockets."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.server import (
+    EVICT_SLACK,
+    FD_RESERVE,
+    Limits,
+    NegotiationBudget,
+    compute_limits,
+    raise_nofile,
+)
+
+
+def test_plenty_of_descriptors_admit_the_whole_share() -> None:
+    limits = compute_limits(10000, 1 << 20, 20)
+    assert (limits.relayed, limits.negotiating, limits.per_source) == (10000, 2500, 1250)
+
+
+def test_nofile_256_splits_what_is_left_after_the_reserve() -> None:
+    limits = compute_limits(10000, 256, 15)
+    assert limits.sockets == (256 - 15 - FD_RESERVE - EVICT_SLACK) // 2 == 96
+    assert (limits.relayed, limits.negotiating, limits.per_source) == (64, 32, 16)
+
+
+def test_a_small_share_still_gets_a_usable_negotiation_budget() -> None:
+    limits = compute_limits(5, 1 << 20, 20)
+    assert (limits.relayed, limits.negotiating, limits.per_source) == (5, 16, 8)
+
+
+@given(share=st.integers(1, 1_000_000), nofile=st.integers(1, 1 << 21),
+       in_use=st.integers(3, 200))
+def test_limits_never_promise_more_descriptors_than_there_are(share: int, nofile: int,
+                                                              in_use: int) -> None:
+    limits = compute_limits(share, nofile, in_use)
+    assert 1 <= limits.relayed <= share and limits.negotiating >= 1
+    assert 1 <= limits.per_source <= limits.negotiating
+    if nofile - in_use - limits.reserve >= 6:  # anything workable at all
+        # two descriptors per client socket, the slack of evicted ones still closing: in budget
+        assert 2 * limits.sockets + EVICT_SLACK + in_use + FD_RESERVE <= nofile
+        # relayed sessions keep two thirds of what the descriptors allow
+        assert limits.negotiating <= max(1, (nofile - in_use - limits.reserve) // 2 // 3)
+
+
+@pytest.mark.parametrize("limit,expected", [("100:200", "(100, 200)"), ("300", "(300, 300)")])
+def test_raise_nofile_raises_the_soft_limit_to_the_hard_one(limit: str, expected: str) -> None:
+    prlimit = shutil.which("prlimit")
+    assert prlimit, "prlimit (util-linux) missing: .ci/system-deps installs it"
+    code = ("import resource; from proxy.server import raise_nofile; print(raise_nofile(), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([prlimit, f"--nofile={limit}", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True).stdout.split(") (")
+    assert out[0] + ")" == expected
+    hard = expected.split(", ")[1].rstrip(")")
+    assert out[1].strip() == f"{hard}, {hard})"
+
+
+def test_raise_nofile_in_this_process_reports_what_is_in_force() -> None:
+    import resource
+
+    _, now = raise_nofile()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
+
+
+class Fake:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.evicted: str | None = None
+
+    def evict(self, detail: str) -> None:
+        assert self.evicted is None, "evicted twice"
+        self.evicted = detail
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+LIMITS = Limits(nofile=1024, in_use=10, share=100, relayed=100, negotiating=4, per_source=2)
+
+
+def test_a_full_budget_drops_the_oldest_not_the_newest() -> None:
+    budget = NegotiationBudget()
+    olds = [Fake(f"old{i}") for i in range(4)]
+    for i, fake in enumerate(olds):
+        budget.enter(fake, f"10.0.0.{i}", LIMITS)
+    new = Fake("new")
+    budget.enter(new, "10.0.0.9", LIMITS)
+    assert olds[0].evicted and "negotiation budget 4" in olds[0].evicted
+    assert all(f.evicted is None for f in olds[1:]) and new.evicted is None
+    assert list(budget.negotiating) == [*olds[1:], new] and budget.evicted == 1
+
+
+def test_the_per_source_cap_drops_that_source_s_oldest() -> None:
+    budget = NegotiationBudget()
+    other = Fake("other")
+    budget.enter(other, "10.0.0.1", LIMITS)  # the oldest of all, from elsewhere
+    a1, a2, a3 = Fake("a1"), Fake("a2"), Fake("a3")
+    for fake in (a1, a2, a3):
+        budget.enter(fake, "10.0.0.2", LIMITS)
+    assert a1.evicted and "per-source cap 2" in a1.evicted and "10.0.0.2" in a1.evicted
+    assert other.evicted is None and a2.evicted is None and a3.evicted is None
+    assert list(budget.by_source["10.0.0.2"]) == [a2, a3]
+
+
+def test_leave_frees_the_place_and_forgets_an_empty_source() -> None:
+    budget = NegotiationBudget()
+    fake = Fake("x")
+    budget.enter(fake, "10.0.0.1", LIMITS)
+    budget.leave(fake)
+    budget.leave(fake)  # twice (negotiated, then ended): harmless
+    assert not budget.negotiating and not budget.by_source
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3)), max_size=60))
+def test_budget_invariants(steps: list[tuple[bool, int]]) -> None:
+    budget = NegotiationBudget()
+    inside: list[Fake] = []  # oldest first
+    for n, (enter, source) in enumerate(steps):
+        if enter or not inside:
+            fake = Fake(f"s{n}")
+            fake.source = str(source)  # type: ignore[attr-defined]
+            budget.enter(fake, str(source), LIMITS)
+            for victim in [f for f in inside if f.evicted]:
+                # the victim was the oldest of all, or the oldest of the new one's source
+                same = [f for f in inside if f.source == fake.source]  # type: ignore[attr-defined]
+                assert victim in (inside[0], same[0] if same else None)
+                inside.remove(victim)
+            inside.append(fake)
+            assert fake.evicted is None
+        else:
+            budget.leave(inside.pop(n % len(inside)))
+        assert list(budget.negotiating) == inside
+        assert len(inside) <= LIMITS.negotiating
+        for peers in budget.by_source.values():
+            assert 0 < len(peers) <= LIMITS.per_source
