@@ -208,13 +208,8 @@ class Endpoint(asyncio.Protocol):
             if not isinstance(event, wire.NeedMore):
                 del self.buffer[:used]
                 return event
-            if self.eof:
+            if not await self.wait_for_bytes(len(self.buffer) + event.count):
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
 
     # -- relaying -------------------------------------------------------------------------------
     def _close_both(self) -> None:
