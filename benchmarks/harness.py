@@ -412,6 +412,27 @@ def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
     return float(m.group(1)), text
 
 
+def read_latency_logs(folder: Path, prefix: str) -> list[float]:
+    """Per-transaction latencies (ms) from the files `pgbench --log --log-prefix` wrote: one
+    line per transaction, `client_id transaction_no time_us script_no epoch epoch_us`."""
+    out: list[float] = []
+    for f in sorted(folder.glob(prefix + ".*")):
+        for line in f.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2].isdigit():
+                out.append(int(fields[2]) / 1000.0)
+    return out
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """The nearest-rank percentile (pct in 0..100) of values, None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-pct * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
 def pgbench_init(port: int, scale: int = 10) -> str:
     """pgbench -i -s SCALE over TLS (run once, directly against PostgreSQL)."""
     exe = shutil.which("pgbench") or find_pg_binary("pgbench")
