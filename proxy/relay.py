@@ -150,6 +150,10 @@ class Endpoint(asyncio.Protocol):
             self.peer._resume(PEER_FULL)
 
     # -- flow control ---------------------------------------------------------------------------
+    def hold(self) -> None:
+        """Stop reading this side for good: the session is ending it (Session.terminate)."""
+        self._pause(ASKED)
+
     def _reading(self) -> asyncio.Transport | None:
         """The transport whose reading the reasons of `_paused` stop. (Not kept in an
         attribute: backend.py swaps `transport` for a TLS one after start_tls.)"""

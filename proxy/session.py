@@ -610,8 +610,10 @@ class Session:
             hint="reconnect with a certificate and settings the new configuration allows")
         self.detail = text
         self.outcome = f"terminated_{reason}"
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
+        # As a reason of the relay's own (ASKED), so that flow control resuming the client
+        # (the backend drained) does not read it again; a plain transport's pause_reading
+        # alone would be undone by that.
+        self.client.hold()
         self._terminate_deadline = time.monotonic() + TERMINATE_WAIT
         self.try_terminate()
 

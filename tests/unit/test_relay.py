@@ -662,3 +662,33 @@ def test_tls12_renegotiation_attempts_are_refused_and_a_flood_closed(
         assert pair.endpoint.violation[0] == "tls_flood" and pair.raw.aborted
 
     run(main())
+
+
+def test_a_terminated_plain_client_stays_unread_when_flow_control_resumes() -> None:
+    # Session.terminate stops reading the client until the backend reaches a message boundary;
+    # the backend draining meanwhile (its resume_writing) must not read the client again.
+    from proxy import config as config_mod
+    from proxy.session import Session
+
+    class State:
+        config = config_mod.parse('[backend]\nhost = "127.0.0.1"\nport = 5432\n', "t.toml")
+
+        def register(self, session: object) -> str:
+            return "1"
+
+    async def main() -> None:
+        client, backend = relay.Endpoint(), relay.Endpoint()
+        ct, bt = FakeTransport(client), FakeTransport(backend)
+        client.connection_made(ct)
+        backend.connection_made(bt)
+        relay.link(client, backend, b"")
+        session = Session(None, State())  # type: ignore[arg-type]
+        session.client, session.backend = client, backend
+        backend.last = b"D\x00\x00\x00\x0b"  # mid-reply: the FATAL waits for a boundary
+        client._pause(relay.PEER_FULL)  # the backend's buffer is full
+        session.terminate("rule", "a rule now refuses it")
+        assert not ct.reading
+        client._resume(relay.PEER_FULL)  # the backend drained
+        assert not ct.reading, "a terminated client was read again"
+
+    run(main())
