@@ -25,6 +25,7 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,7 @@ class Bench:
         self.tls: dict[str, str] = {}
         self.order: list[str] = []
         self.after_load: dict[str, dict[str, float | int]] = {}
+        self.resumption: dict[str, bool] = {}
         self.logs = Path(tempfile.mkdtemp(prefix="dwsproxy-bench-logs-"))
 
     def dws_names(self) -> list[str]:
@@ -223,6 +225,11 @@ class Bench:
         for name in self.order:
             self.tls[name] = st.check_tls(st.targets[name])
             h.log(f"{name}: psql sees SSL connection ({self.tls[name]})")
+        # What a client-side TLS session cache toward the backend (issue 11) could gain.
+        for label, version in (("TLSv1.2", ssl.TLSVersion.TLSv1_2),
+                               ("TLSv1.3", ssl.TLSVersion.TLSv1_3)):
+            self.resumption[label] = h.tls_resumption(direct.port, version)
+        h.log(f"PostgreSQL resumes TLS sessions: {self.resumption}")
         if "copy_out" in self.args.tests:
             got = h.copy_bytes_check(st.targets[self.order[-1]].port)
             if got != 1000 * 1001:
@@ -444,6 +451,7 @@ class Bench:
                              if self.has_baseline() else None),
                 "idle_rss_direct": "n/a: there is no proxy process in front of PostgreSQL",
                 "tls_seen_by_psql": self.tls,
+                "postgresql_resumes_tls_sessions": self.resumption,
             },
             "tests": {t: {"what": TESTS[t][0], "unit": TESTS[t][1],
                           "higher_is_better": TESTS[t][2]} for t in a.tests},
@@ -545,6 +553,10 @@ class Bench:
                           "no sessions open: " + "; ".join(
                               f"{k}: {v['rss_mb']} MB (PSS {v['pss_mb']} MB, "
                               f"{v['processes']} proc)" for k, v in self.after_load.items())]
+        if self.resumption:
+            lines += ["", "PostgreSQL resumes a TLS session offered on a second connection "
+                      "(what a backend-side session cache could gain): " + ", ".join(
+                          f"{k}: {'yes' if v else 'no'}" for k, v in self.resumption.items())]
         lines += ["", "TLS as psql saw it: " + "; ".join(f"{k}: {v}"
                                                           for k, v in self.tls.items()),
                   "", "Samples:", ""]

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -392,6 +393,30 @@ port = {mport}
 
 
 # --- clients -----------------------------------------------------------------------------------
+
+def tls_resumption(port: int, version: ssl.TLSVersion) -> bool:
+    """Whether a PostgreSQL-protocol server on 127.0.0.1:port resumes a TLS session of this
+    version: two connections (SSLRequest, handshake, a start-up packet and its answer, which
+    also carries any TLS 1.3 tickets), the second offering the first one's session. What a
+    client-side session cache toward that server could gain."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # only resumption is asked
+    ctx.minimum_version = ctx.maximum_version = version
+    session: ssl.SSLSession | None = None
+    reused = False
+    for _ in range(2):
+        with socket.create_connection((HOST, port), timeout=10) as raw:
+            raw.sendall((8).to_bytes(4, "big") + (80877103).to_bytes(4, "big"))
+            if raw.recv(1) != b"S":
+                raise RuntimeError(f"port {port} does not offer TLS")
+            with ctx.wrap_socket(raw, session=session) as tls:
+                body = (196608).to_bytes(4, "big") + b"user\0postgres\0\0"
+                tls.sendall((len(body) + 4).to_bytes(4, "big") + body)
+                tls.recv(65536)  # the authentication answer, after any tickets
+                reused = tls.session_reused
+                session = tls.session
+    return reused
+
 
 
 PGBENCH_TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
