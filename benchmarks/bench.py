@@ -123,7 +123,7 @@ BACKEND_TLS = "dwsproxy-btls"  # the headline's workers, TLS (verify-full) to th
 
 
 def dws_name(workers: str) -> str:
-    return "dwsproxy" if workers == "auto" else f"dwsproxy-w{workers}"
+    return "dwsproxy-auto" if workers == "auto" else f"dwsproxy-w{workers}"
 
 
 def idle_twin(name: str) -> str:
