@@ -294,6 +294,9 @@ def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # Accepted sockets inherit it (Linux copies the listening socket's options): one
+    # setsockopt here instead of one per client.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.bind(addr)
     sock.listen(1024)
     sock.setblocking(False)
@@ -347,7 +350,7 @@ class Listener:
                     log.warning("accept failed: %s", exc)
                 return
             state.open += 1
-            session = Session(conn, state)
+            session = Session(conn, state, addr)
             budget.enter(session, addr[0] if isinstance(addr, tuple) else "", limits)
             task = self.loop.create_task(session.run())
             state.tasks.add(task)

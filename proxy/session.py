@@ -6,12 +6,14 @@ the policy needs, acting on its decision (ErrorResponse or backend connect), han
 to the relay, and recording one outcome: one metric and one log line. Must not decide the order
 of packets (negotiation.py) or policy (policy.py), nor parse packets itself (wire.py).
 
-The first read is done on the raw, non-blocking socket, before any asyncio transport exists:
-the proxy peeks (MSG_PEEK) at the first byte, so a direct-TLS ClientHello stays in the kernel for
-OpenSSL, and an SSLRequest is read to exactly its 8 bytes. Whatever the client sent past those 8
-bytes before our `S` is a protocol violation (CVE-2021-23214); it is seen in the kernel with a
-non-blocking peek and refused with 08P01 before the handshake. Only then is the socket given to
-`loop.connect_accepted_socket`, with TLS or without.
+The first reads are done on the raw, non-blocking socket, before any asyncio transport exists,
+into the session's own buffer (`_raw`): one recv() takes whatever the client sent, up to
+RAW_READ bytes, so a first packet costs one system call — no peek at the first byte, no second
+look for bytes after an SSLRequest. A first byte 0x16 is a direct-TLS ClientHello: its records
+(and anything read after them) go to OpenSSL from that buffer. Whatever the client sent past an
+SSLRequest's 8 bytes before our `S` is a protocol violation (CVE-2021-23214): it is what is left
+in the buffer, as in PostgreSQL (pq_buffer_remaining_data), and is refused with 08P01 before the
+handshake. Only then is the socket given to `loop.connect_accepted_socket`, with TLS or without.
 """
 
 from __future__ import annotations
@@ -55,11 +57,16 @@ _CLIENT_HELLO = negotiation.ClientHello()
 _TLS_ESTABLISHED = negotiation.TlsEstablished()
 _ENCRYPTION_REQUESTS = (wire.SSLRequest, wire.GSSENCRequest)
 _FIRST_PACKETS = (wire.StartupMessage, wire.CancelRequest, wire.ProtocolViolation)
+# What one raw read asks for: more than an SSLRequest or a usual StartupMessage (at most 10000
+# bytes) or ClientHello, so that one recv() takes what the client sent at once.
+RAW_READ = 8192
 
 
 class Session:
-    def __init__(self, sock: socket.socket, state: ServerState) -> None:
+    def __init__(self, sock: socket.socket, state: ServerState, addr: Any = None) -> None:
         self.sock = sock
+        self._addr = addr  # the peer address accept() returned
+        self._raw = bytearray()  # read from the raw socket, not yet taken by the negotiation
         self.state = state
         self.cfg: Config = state.config  # the config in force at accept, for the whole session
         self.loop = asyncio.get_running_loop()
@@ -124,8 +131,11 @@ class Session:
     def _prepare_socket(self) -> None:
         sock = self.sock
         sock.setblocking(False)
+        # SO_KEEPALIVE comes from the listening socket (Linux copies it to accepted sockets);
+        # TCP_NODELAY: uvloop sets it on every TCP transport it makes. The peer address is the
+        # one accept() returned: no getpeername().
         try:
-            host, port = sock.getpeername()[:2]
+            host, port = (self._addr if self._addr is not None else sock.getpeername())[:2]
             if ":" in host:  # IPv6; an IPv4 client of a dual-stack listener is ::ffff:a.b.c.d
                 mapped = ipaddress.IPv6Address(host).ipv4_mapped
                 host = str(mapped) if mapped is not None else host
@@ -133,8 +143,6 @@ class Session:
             self.peer_addr = f"{host}:{port}"
         except (OSError, ValueError, TypeError):
             self.peer_addr = "unknown"
-        # TCP_NODELAY: uvloop sets it on every TCP transport it makes
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def _peer_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
@@ -157,40 +165,45 @@ class Session:
         finally:
             self.loop.remove_reader(fd)
 
-    async def _recv(self, n: int, peek: bool = False) -> bytes:
-        flags = socket.MSG_PEEK if peek else 0
-        while True:
+    async def _fill(self, n: int) -> bool:
+        """Read until the raw buffer holds `n` bytes (True), or the client closed (False).
+        Each read asks for RAW_READ bytes at least: it takes what the client sent in one go."""
+        raw = self._raw
+        while len(raw) < n:
             try:
-                data = self.sock.recv(n, flags)
+                data = self.sock.recv(max(RAW_READ, n - len(raw)))
             except (BlockingIOError, InterruptedError):
                 await self._wait_readable()
                 continue
-            return data
+            if not data:
+                return False
+            raw += data
+        return True
 
-    def _has_pending_bytes(self) -> bool:
-        try:
-            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-        except (BlockingIOError, InterruptedError):
-            return False
+    async def _take(self, n: int) -> bytes | None:
+        """The next `n` raw bytes; None when the client closed first."""
+        if not await self._fill(n):
+            return None
+        data = bytes(self._raw[:n])
+        del self._raw[:n]
+        return data
 
     async def _read_raw_packet(self) -> wire.Event | negotiation.Eof:
-        buf = bytearray()
+        raw = self._raw
         while True:
-            event, _ = wire.parse_startup_packet(buf)
+            event, used = wire.parse_startup_packet(raw)
             if not isinstance(event, wire.NeedMore):
+                del raw[:used]
                 return event
-            data = await self._recv(event.count)
-            if not data:
-                return negotiation.Eof(partial=bool(buf))
-            buf += data
+            if not await self._fill(len(raw) + event.count):
+                return negotiation.Eof(partial=bool(raw))
 
     # -- negotiation: negotiation.py decides the order, this carries out its actions ------------
     async def _read_event(self, phase: Phase) -> negotiation.Event:
         if phase is Phase.START:
-            first = await self._recv(1, peek=True)
-            if not first:
+            if not await self._fill(1):
                 return negotiation.Eof()
-            if first[0] == wire.TLS_HANDSHAKE_BYTE:
+            if self._raw[0] == wire.TLS_HANDSHAKE_BYTE:
                 return _CLIENT_HELLO
         elif phase is Phase.TLS:
             assert self.client is not None
@@ -209,7 +222,7 @@ class Session:
             pipelined = None
             if self.client is None:
                 if isinstance(event, _ENCRYPTION_REQUESTS):
-                    pipelined = self._has_pending_bytes()
+                    pipelined = bool(self._raw)  # read with the request, before our answer
                 elif isinstance(event, _FIRST_PACKETS):
                     # The loop owns the socket from here: what the client sent after this
                     # packet is read (relayed after a StartupMessage, else dropped), so a close
@@ -253,6 +266,8 @@ class Session:
 
     async def _wrap(self) -> Endpoint:
         endpoint = Endpoint()
+        endpoint.buffer += self._raw  # sent after the packet: relayed after a StartupMessage
+        self._raw.clear()
         await self.loop.connect_accepted_socket(lambda: endpoint, self.sock)
         return endpoint
 
@@ -273,13 +288,13 @@ class Session:
         None when the client closed first."""
         records, handshake = b"", b""
         for _ in range(tls.CLIENT_HELLO_MAX_RECORDS):
-            head = await self._recv_exactly(tls.TLS_RECORD_HEADER)
+            head = await self._take(tls.TLS_RECORD_HEADER)
             if head is None:
                 return None
             size = int.from_bytes(head[3:5], "big")
             if head[0] != wire.TLS_HANDSHAKE_BYTE or size > tls.TLS_MAX_RECORD:
                 return records + head, None
-            body = await self._recv_exactly(size)
+            body = await self._take(size)
             if body is None:
                 return None
             records += head + body
@@ -292,15 +307,6 @@ class Session:
                     return records, handshake[:want]
         return records, None
 
-    async def _recv_exactly(self, n: int) -> bytes | None:
-        buf = b""
-        while len(buf) < n:
-            data = await self._recv(n - len(buf))
-            if not data:
-                return None
-            buf += data
-        return buf
-
     async def _start_tls(self) -> negotiation.TlsEstablished | negotiation.TlsFailed:
         server_tls = self.cfg.server_tls
         assert server_tls is not None
@@ -312,6 +318,9 @@ class Session:
                 return negotiation.TlsFailed("tls_handshake",
                                              "client closed in the middle of its ClientHello")
             records, hello = read
+            # OpenSSL gets whatever followed the ClientHello too (read with it)
+            records += self._raw
+            self._raw.clear()
         t0 = time.perf_counter()
         client = TlsEndpoint(server_tls.context)
         if records:  # direct TLS: no ALPN "postgresql" in the offer, or no readable offer

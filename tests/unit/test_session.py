@@ -1,0 +1,143 @@
+"""session.py's raw start of a connection, on real loopback sockets without a backend: how many
+system calls the first packet costs, and what the accepted socket already carries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from proxy import certs, loader, wire
+from proxy.server import ServerState, make_listen_socket
+from proxy.session import Session
+
+SSL_REQUEST = struct.pack("!II", 8, wire.SSL_REQUEST_CODE)
+
+
+class CountingSocket(socket.socket):
+    """A client socket as the session sees it, with its recv() calls and peeks counted."""
+
+    recvs: list[tuple[int, int]]
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.recvs.append((bufsize, flags))
+        return super().recv(bufsize, flags)
+
+    def getpeername(self) -> Any:
+        raise AssertionError("the peer address comes from accept(), not getpeername()")
+
+
+@pytest.fixture()
+def config(tmp_path: Path) -> Any:
+    certs.init(tmp_path)
+    path = tmp_path / "dwsproxy.toml"
+    path.write_text(f"""
+[listen]
+host = "127.0.0.1"
+port = 1
+startup_timeout = 5.0
+
+[backend]
+host = "127.0.0.1"
+port = 1
+sslmode = "disable"
+
+[tls]
+ssl = true
+require_ssl = true
+ssl_cert_file = "{tmp_path / 'server.crt'}"
+ssl_key_file = "{tmp_path / 'server.key'}"
+""")
+    return loader.load(str(path))
+
+
+@pytest.fixture()
+def listening() -> Iterator[socket.socket]:
+    sock = make_listen_socket("127.0.0.1", 0, reuse_port=False)
+    yield sock
+    sock.close()
+
+
+def serve_one(listening: socket.socket, config: Any, sent: bytes,
+              answer_size: int) -> tuple[Session, CountingSocket, bytes]:
+    """Connect, send `sent` at once, then let one Session take the accepted socket; read
+    `answer_size` bytes of its answer and close. The session's raw reads are counted."""
+    client = socket.create_connection(listening.getsockname())
+    client.sendall(sent)
+    listening.setblocking(True)
+    conn, addr = listening.accept()
+    counted = CountingSocket(conn.family, conn.type, fileno=conn.detach())
+    counted.recvs = []
+
+    async def main() -> tuple[Session, bytes]:
+        session = Session(counted, ServerState(config), addr)
+        task = asyncio.get_running_loop().create_task(session.run())
+        loop = asyncio.get_running_loop()
+        answer = b""
+        while len(answer) < answer_size:
+            chunk = await loop.run_in_executor(None, client.recv, 4096)
+            if not chunk:
+                break
+            answer += chunk
+        client.close()
+        await asyncio.wait_for(task, 10)
+        return session, answer
+
+    try:
+        # uvloop, as in production (it reads the peer address from the descriptor itself)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            session, answer = runner.run(main())
+    finally:
+        client.close()
+    return session, counted, answer
+
+
+def test_an_ssl_request_is_read_with_one_recv_and_no_peek(listening: socket.socket,
+                                                          config: Any) -> None:
+    session, sock, answer = serve_one(listening, config, SSL_REQUEST, 1)
+    assert answer == wire.SSL_ACCEPT
+    assert len(sock.recvs) == 1  # the TLS transport reads the rest
+    assert not any(flags & socket.MSG_PEEK for _, flags in sock.recvs)
+    assert session.peer_addr.startswith("127.0.0.1:")
+
+
+def test_bytes_read_with_the_ssl_request_are_refused_without_a_peek(listening: socket.socket,
+                                                                    config: Any) -> None:
+    """CVE-2021-23214: what came with the SSLRequest is what one read found after it."""
+    session, sock, answer = serve_one(listening, config, SSL_REQUEST + b"Q", 1)
+    assert answer[:1] == b"E" and b"received unencrypted data after SSL request" in answer
+    assert session.outcome == "bad_startup"
+    assert len(sock.recvs) == 1
+    assert not any(flags & socket.MSG_PEEK for _, flags in sock.recvs)
+
+
+def test_a_plaintext_startup_message_is_read_with_one_recv(listening: socket.socket,
+                                                           config: Any) -> None:
+    startup = _startup()
+    session, sock, answer = serve_one(listening, config, startup, 1)
+    assert answer[:1] == b"E"
+    assert session.outcome == "ssl_required"
+    assert len(sock.recvs) == 1  # then the loop's transport reads (and refuses)
+
+
+def _startup() -> bytes:
+    body = struct.pack("!I", 3 << 16) + b"user\0postgres\0database\0postgres\0\0"
+    return struct.pack("!I", 4 + len(body)) + body
+
+
+def test_accepted_sockets_inherit_keepalive_from_the_listening_socket(
+        listening: socket.socket) -> None:
+    client = socket.create_connection(listening.getsockname())
+    listening.setblocking(True)
+    conn, _ = listening.accept()
+    try:
+        assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        conn.close()
+        client.close()
