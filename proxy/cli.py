@@ -28,15 +28,45 @@ log = logging.getLogger("dwsproxy")
 
 
 class KeyValueFormatter(logging.Formatter):
+    """key=value lines. A connection's line has ~16 fields and there is one per connection:
+    fields are written in one loop without a call per field for the common types, and the
+    timestamp is formatted once per second (it has no fraction)."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second or datefmt is not None:
+            stamp = super().formatTime(record, datefmt or _TIME_FORMAT)
+            if datefmt is not None:
+                return stamp
+            self._second, self._stamp = second, stamp
+        return self._stamp
+
     def format(self, record: logging.LogRecord) -> str:
-        text = (f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower()} "
-                f"{record.name} {record.getMessage()}")
-        fields: dict[str, Any] = getattr(record, "fields", {})
+        parts = [self.formatTime(record), record.levelname.lower(), record.name,
+                 record.getMessage()]
+        fields: dict[str, Any] | None = getattr(record, "fields", None)
         if fields:
-            text += " " + " ".join(f"{k}={_kv(v)}" for k, v in fields.items())
+            search = _NEEDS_QUOTES.search
+            for k, v in fields.items():
+                kind = v.__class__
+                if kind is str:
+                    if len(v) > MAX_FIELD:
+                        v = _cut(v)
+                    if v == "" or search(v):
+                        v = json.dumps(v)
+                elif kind is not int and kind is not bool:
+                    v = _kv(v)
+                parts.append(f"{k}={v}")
+        text = " ".join(parts)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 # Anything a client could use to forge or garble a log line: spaces, quotes, '=', and every
@@ -67,7 +97,7 @@ def _kv(value: object) -> str:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": self.formatTime(record, _TIME_FORMAT),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -238,6 +238,35 @@ def test_log_values_cannot_forge_lines() -> None:
     assert _kv("a b") == '"a b"' and _kv("") == '""'
 
 
+def test_a_connection_line_writes_every_field_as_kv_would() -> None:
+    """KeyValueFormatter's loop without a call per field says exactly what _kv says."""
+    import enum
+    import logging
+    import time
+
+    from proxy.cli import KeyValueFormatter, _kv
+
+    class Kind(enum.StrEnum):
+        TLS = "tls"
+
+    fields = {"peer": "127.0.0.1:5", "worker_pid": 7, "direct_tls": False, "cipher": "",
+              "user": "evil user\r\noutcome=ok", "database": "x" * 300, "app": "ünï",
+              "duration": 0.25, "kind": Kind.TLS, "none": None, "big": 10 ** 20}
+    record = logging.LogRecord("dwsproxy.session", logging.INFO, "", 0, "connection closed",
+                               (), None)
+    record.fields = fields
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+    expected = (f"{stamp} info dwsproxy.session connection closed "
+                + " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))
+    formatter = KeyValueFormatter()
+    assert formatter.format(record) == expected
+    assert formatter.format(record) == expected  # the cached timestamp
+    later = logging.LogRecord("dwsproxy", logging.WARNING, "", 0, "m", (), None)
+    later.created = record.created + 1
+    assert formatter.format(later) == time.strftime(
+        "%Y-%m-%dT%H:%M:%S", time.localtime(later.created)) + " warning dwsproxy m"
+
+
 def test_two_crls_of_one_issuer_give_one_gauge_fact(bundle: Path) -> None:
     ca = certs.load_ca(bundle / "certs")
     older, newer = certs.make_crl(ca, next_update_days=1), certs.make_crl(ca, [7])
