@@ -15,7 +15,7 @@ import timeit
 sys.path.insert(0, os.getcwd())
 import uvloop
 
-from proxy import cli, metrics
+from proxy import cli, metrics, session
 
 N = 20000
 FIELDS = {"peer": "127.0.0.1:51234", "worker_pid": 1234, "encryption": "tls",
@@ -62,13 +62,19 @@ def main() -> None:
         async def bare() -> None:
             pass
 
+        async def within() -> None:
+            if hasattr(session, "within"):
+                await session.within(10, bare())
+
         best = []
-        for fn in (one, bare):
+        for fn in (one, bare, within):
             t0 = time.perf_counter()
             for _ in range(N):
                 await fn()
             best.append((time.perf_counter() - t0) / N * 1e6)
         print(f"asyncio.timeout block: {best[0] - best[1]:.2f} us")
+        if hasattr(session, "within"):
+            print(f"session.within: {best[2] - best[1]:.2f} us")
 
     uvloop.run(timeouts())
 

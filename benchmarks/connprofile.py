@@ -171,6 +171,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--calls", action="store_true")
     p.add_argument("--per-client", type=int, default=100, help="-t for --strace and --calls")
     p.add_argument("--tag", default="connprofile")
+    p.add_argument("--env-this", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for this tree's dwsproxy only (an experiment)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dwsproxy-connprofile-"))
     st = h.Stack()
@@ -180,7 +182,13 @@ def main(argv: list[str]) -> int:
     try:
         direct = st.start_postgres()
         h.pgbench_init(direct.port, 10)
-        targets = [st.start_dwsproxy("this", "1")]
+        saved = dict(os.environ)
+        os.environ.update(dict(item.split("=", 1) for item in args.env_this))
+        try:
+            targets = [st.start_dwsproxy("this", "1")]
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         srcs: dict[str, Path | None] = {"this": None}
         if args.baseline_src:
             base = Path(args.baseline_src).resolve()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import uvloop
 
 from proxy import certs, loader, wire
 from proxy.server import ServerState, make_listen_socket
-from proxy.session import Session
+from proxy.session import Session, within
 
 SSL_REQUEST = struct.pack("!II", 8, wire.SSL_REQUEST_CODE)
 
@@ -141,3 +142,47 @@ def test_accepted_sockets_inherit_keepalive_from_the_listening_socket(
     finally:
         conn.close()
         client.close()
+
+
+def run_uvloop(coro: Any) -> Any:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def test_within_gives_the_result_and_leaves_no_timer() -> None:
+    async def main() -> tuple[int, int]:
+        async def answer() -> int:
+            await asyncio.sleep(0)
+            return 42
+
+        got = await within(5.0, answer())
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0.02)
+        return got, task.cancelling()
+
+    assert run_uvloop(main()) == (42, 0)
+
+
+def test_within_turns_its_own_expiry_into_a_timeout() -> None:
+    async def main() -> float:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await within(0.05, asyncio.sleep(10))
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # uncancelled: usable afterwards
+        await asyncio.sleep(0)
+        return time.monotonic() - start
+
+    assert 0.04 <= run_uvloop(main()) < 5
+
+
+def test_a_cancellation_that_is_not_within_s_stays_a_cancellation() -> None:
+    async def main() -> None:
+        inner = asyncio.get_running_loop().create_task(within(5.0, asyncio.sleep(10)))
+        await asyncio.sleep(0.01)
+        inner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await inner
+
+    run_uvloop(main())
