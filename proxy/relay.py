@@ -304,6 +304,9 @@ class TlsState(enum.Enum):
     CLOSED = "closed"  # connection_lost
 
 
+# Members are singletons: hashing by identity is C, Enum's __hash__ is a Python call (and
+# _set_state hashes twice, three times per connection).
+TlsState.__hash__ = object.__hash__  # type: ignore[method-assign]
 HANDSHAKE, OPEN, FAILED, CLOSING, ABORTED, CLOSED = TlsState
 _NEXT: dict[TlsState, frozenset[TlsState]] = {
     HANDSHAKE: frozenset({OPEN, FAILED, CLOSING, ABORTED, CLOSED}),

@@ -206,6 +206,7 @@ class ServerState:
         self._cancel_tokens: dict[str, tuple[float, float]] = {}  # host -> (tokens, when)
         self.sessions: dict[str, Session] = {}  # every open client connection, for /sessions
         self._next_id = 0
+        self._pid = os.getpid()  # this process's, after any fork: not a system call per id
         self.last_reload: dict[str, object] = {"result": None, "at": None, "error": None}
         self.loaded_at = _now_rfc3339()
         self.budget = NegotiationBudget()
@@ -218,7 +219,7 @@ class ServerState:
 
     def register(self, session: Session) -> str:
         self._next_id += 1
-        sid = f"{os.getpid()}-{self._next_id}"
+        sid = f"{self._pid}-{self._next_id}"
         self.sessions[sid] = session
         return sid
 

@@ -186,3 +186,45 @@ def test_a_cancellation_that_is_not_within_s_stays_a_cancellation() -> None:
             await inner
 
     run_uvloop(main())
+
+
+def test_one_readiness_event_accepts_every_pending_connection(listening: socket.socket,
+                                                             config: Any) -> None:
+    """Listener._on_readable: several clients waiting in the backlog are all taken in one
+    callback, not one per loop iteration."""
+    from proxy.server import Listener
+
+    clients = [socket.create_connection(listening.getsockname()) for _ in range(5)]
+
+    async def main() -> tuple[int, int]:
+        state = ServerState(config)
+        listener = Listener(listening, state)
+        listener._unwatch()  # called by hand below, once
+        listener._on_readable()
+        opened, tasks = state.open, len(state.tasks)
+        for client in clients:
+            client.close()
+        await asyncio.wait_for(asyncio.gather(*state.tasks), 10)
+        return opened, tasks
+
+    try:
+        assert run_uvloop(main()) == (5, 5)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_tls_state_hashes_by_identity_in_c() -> None:
+    from proxy import relay
+
+    assert relay.TlsState.__hash__ is object.__hash__
+    assert {relay.OPEN: 1}[relay.TlsState("open")] == 1
+
+
+def test_session_ids_need_no_getpid_per_connection(config: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    state = ServerState(config)
+    monkeypatch.setattr(os, "getpid", lambda: (_ for _ in ()).throw(AssertionError("getpid")))
+    assert state.register(object()) == f"{state._pid}-1"  # type: ignore[arg-type]
