@@ -1,6 +1,8 @@
 """Fuzz target (atheris, coverage-guided): wire.parse_startup_packet and the negotiation state
-machine, fed bytes the way the session reads them: a peek at the first byte, then exact reads
-of whole packets (NeedMore), the CVE-2021-23214 check, the handshake and the policy.
+machine, fed bytes as the session gets them: the first byte (0x16 or not), then whole packets
+(NeedMore), the CVE-2021-23214 check, the handshake and the policy. The session reads greedily
+into its own buffer; exact reads within a flight give the same events, and what is left of a
+flight when we answer is what the session finds left in its buffer (pipelined).
 
 Input: one byte of switches (ssl, direct_ssl, the handshake fails, the policy refuses), then what
 the client sends, in flights separated by FF FF (the client waits for an answer between them).
