@@ -311,6 +311,11 @@ class Listener:
         self.sock = sock
         self.state = state
         self.loop = asyncio.get_running_loop()
+        # socket.accept() is a Python function that asks the listening socket for its family
+        # and type (each an IntEnum conversion) and the default timeout on every call; these
+        # never change, so the accepted descriptor is wrapped with them directly.
+        self._accept = sock._accept  # type: ignore[attr-defined]
+        self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
         self.accepting = True
         self.watching = False
         self._watch()
@@ -337,7 +342,7 @@ class Listener:
                 state.on_capacity = self._resume_at_capacity
                 return
             try:
-                conn, addr = self.sock.accept()
+                fd, addr = self._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -350,6 +355,7 @@ class Listener:
                 else:
                     log.warning("accept failed: %s", exc)
                 return
+            conn = socket.socket(self._family, self._type, self._proto, fileno=fd)
             state.open += 1
             session = Session(conn, state, addr)
             budget.enter(session, addr[0] if isinstance(addr, tuple) else "", limits)
