@@ -12,7 +12,6 @@ bytes are summed in plain ints by the relay and flushed once a second and at ses
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import time
@@ -130,46 +129,18 @@ LAST_RELOAD_SUCCESS = Gauge(
     "When the configuration in force was loaded.", multiprocess_mode="mostrecent")
 
 # The series a dashboard expects to see at zero, created up front and kept: labels() takes a
-# lock and builds a key on every call. Those updated for every connection are kept as their
-# value's own `inc` (_inc): Counter.inc and Gauge.inc check on every call that the series is
-# observable (it is, a labelled child) and the amount (ours are never negative), three Python
-# calls where the value needs one; tests/unit/test_metrics_fast.py reads them back through the
-# registry, so a prometheus-client that changes these internals fails there, not silently.
-
-
-def _inc(series: Any) -> Callable[[float], None]:
-    return series._value.inc  # type: ignore[no-any-return]
-
-
-class _Observe:
-    """Histogram.observe of a histogram without labels, its bucket found by bisection."""
-
-    __slots__ = ("_bounds", "_buckets", "_sum")
-
-    def __init__(self, histogram: Histogram) -> None:
-        self._bounds: list[float] = list(histogram._upper_bounds)
-        self._buckets = [b.inc for b in histogram._buckets]
-        self._sum = histogram._sum.inc
-
-    def __call__(self, amount: float) -> None:
-        # the first bucket whose bound is >= amount, as Histogram.observe picks it (+Inf last)
-        self._buckets[bisect.bisect_left(self._bounds, amount)](1)
-        self._sum(amount)
-
-
-handshake_seconds = _Observe(HANDSHAKE_SECONDS)
-backend_connect_seconds = _Observe(BACKEND_CONNECT_SECONDS)
+# lock and builds a key on every call.
 _REJECTED_SERIES = {reason: REJECTED.labels(reason) for reason in REJECT_REASONS}
-_SSL_REQUEST_SERIES = {answer: _inc(SSL_REQUESTS.labels(answer)) for answer in ("S", "N")}
+_SSL_REQUEST_SERIES = {answer: SSL_REQUESTS.labels(answer) for answer in ("S", "N")}
 for _result in ("success", "failure"):
     RELOADS.labels(_result)
 _CANCEL_SERIES = {result: CANCELS.labels(result) for result in ("forwarded", "refused")}
 _TERMINATED_SERIES = {reason: TERMINATED.labels(reason) for reason in TERMINATE_REASONS}
-_BYTES_C2B = _inc(BYTES.labels("client_to_backend"))
-_BYTES_B2C = _inc(BYTES.labels("backend_to_client"))
+_BYTES_C2B = BYTES.labels("client_to_backend")
+_BYTES_B2C = BYTES.labels("backend_to_client")
 
 
-_CONNECTION_SERIES: dict[tuple[str, str, bool, bool], Callable[[float], None]] = {}
+_CONNECTION_SERIES: dict[tuple[str, str, bool, bool], Any] = {}
 _BACKEND_TLS_SERIES = {reason: BACKEND_TLS_FAILURES.labels(reason)
                        for reason in BACKEND_TLS_REASONS}
 
@@ -179,10 +150,10 @@ def accepted(encryption: str, tls_version: str, client_cert: bool,
     key = (encryption, tls_version, client_cert, backend_encrypted)
     series = _CONNECTION_SERIES.get(key)
     if series is None:
-        series = _CONNECTION_SERIES[key] = _inc(CONNECTIONS.labels(
+        series = _CONNECTION_SERIES[key] = CONNECTIONS.labels(
             encryption, tls_version, "verified" if client_cert else "none",
-            "tls" if backend_encrypted else "plain"))
-    series(1)
+            "tls" if backend_encrypted else "plain")
+    series.inc()
 
 
 def backend_tls_failed(reason: str) -> None:
@@ -205,21 +176,21 @@ def terminated(reason: str) -> None:
 
 
 def ssl_request(answer: str) -> None:
-    _SSL_REQUEST_SERIES[answer](1)
+    _SSL_REQUEST_SERIES[answer].inc()
 
 
-_ACTIVE_SERIES = {enc: _inc(ACTIVE.labels(enc)) for enc in ("tls", "plain")}
+_ACTIVE_SERIES = {enc: ACTIVE.labels(enc) for enc in ("tls", "plain")}
 
 
 def active(encryption: str, delta: int) -> None:
-    _ACTIVE_SERIES[encryption](delta)
+    _ACTIVE_SERIES[encryption].inc(delta)
 
 
 def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
-    if client_to_backend > 0:
-        _BYTES_C2B(client_to_backend)
-    if backend_to_client > 0:
-        _BYTES_B2C(backend_to_client)
+    if client_to_backend:
+        _BYTES_C2B.inc(client_to_backend)
+    if backend_to_client:
+        _BYTES_B2C.inc(backend_to_client)
 
 
 def config_loaded(cfg: Config, *, reload: bool) -> None:

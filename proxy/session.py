@@ -335,7 +335,7 @@ class Session:
             await client.handshake
         except (ssl.SSLError, ConnectionError, OSError) as exc:
             return negotiation.TlsFailed(*tls.handshake_failure(exc))
-        metrics.handshake_seconds(time.perf_counter() - t0)
+        metrics.HANDSHAKE_SECONDS.observe(time.perf_counter() - t0)
         self.encrypted = True
         sslobj = client.ssl_object
         self.tls_version = sslobj.version() or ""
@@ -463,7 +463,7 @@ class Session:
             return
         self.backend = backend
         self.backend_encrypted = connected.encrypted
-        metrics.backend_connect_seconds(time.perf_counter() - t0)
+        metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
         if self.client.closed.done():
             self.outcome = "client_gone"
             self.backend.close()
