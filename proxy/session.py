@@ -65,6 +65,15 @@ RAW_READ = 8192
 
 
 class Session:
+    # Slots, not a per-instance dict: a session lives as long as its client, and idle
+    # sessions are most of a busy proxy's memory.
+    __slots__ = ("_addr", "_raw", "_terminate_deadline", "alpn", "backend", "backend_encrypted",
+                 "cert_error", "cfg", "cipher", "client", "client_cert", "detail", "direct",
+                 "encrypted", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id", "idle_marker",
+                 "idle_since", "linked",
+                 "loop", "negotiation", "outcome", "peer_addr", "peer_chain", "peer_host", "sock",
+                 "started", "started_at", "startup", "state", "terminating", "tls_version")
+
     def __init__(self, sock: socket.socket, state: ServerState, addr: Any = None) -> None:
         self.sock = sock
         self._addr = addr  # the peer address accept() returned
