@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,6 +20,9 @@ WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
 
 
 def version() -> str:
+    # importlib.metadata is ~0.8 MB of RSS a process: loaded when the version is asked for.
+    from importlib import metadata
+
     try:
         return metadata.version("dwsproxy")
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree

@@ -314,11 +314,25 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, the version looked up only when asked for (admin.version)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"dwsproxy {admin.version()}")  # to stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsproxy",
         description="TLS-terminating SSL policy proxy for the PostgreSQL wire protocol")
-    parser.add_argument("--version", action="version", version=f"dwsproxy {admin.version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--config", help="TOML configuration file (runs the proxy)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
