@@ -1,7 +1,8 @@
 """dwsproxy against PgBouncer and direct TLS to PostgreSQL: run by `benchmarks/run`.
 
 Starts (all on 127.0.0.1) a throwaway PostgreSQL with `ssl = on`, a PgBouncer (session pooling,
-client TLS required) and dwsproxy (require_ssl) with `workers = "auto"` and with `workers = 1`,
+client TLS required) and dwsproxy (require_ssl) with `workers = 1` (the headline: the default)
+and with `workers = "auto"`,
 then measures, alternating the targets A B C D A B C D … within each test and repeating every
 test `--reps` times:
 
@@ -73,9 +74,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--copies-per-round", type=int, default=2,
                    help="COPY runs per target per round (all are samples), default 2")
     p.add_argument("--idle", type=int, default=1000, help="idle TLS sessions, default 1000")
-    p.add_argument("--workers", default="auto,1",
+    p.add_argument("--workers", default="1,auto",
                    help="dwsproxy `workers` settings to compare; the first is the headline "
-                        "(default auto,1)")
+                        "(default 1,auto: 1 is the default of `workers` and the one the README "
+                        "recommends on 2 cores)")
     p.add_argument("--tests", default=",".join(TESTS),
                    help=f"comma-separated subset of {', '.join(TESTS)}")
     p.add_argument("--out", default=str(h.REPO / "benchmarks" / "results"),
