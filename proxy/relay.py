@@ -70,6 +70,10 @@ TURN = 16  # rule 7: the rest of a read waits for the next loop turn
 class Endpoint(asyncio.Protocol):
     """One side of a session (client or backend)."""
 
+    # No per-instance dict: two or three of these live as long as each session.
+    __slots__ = ("_close_timer", "_paused", "_waiter", "buffer", "closed", "eof", "last", "peer",
+                 "received", "transport", "violation")
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Endpoint | None = None
@@ -280,9 +284,14 @@ TLS_NOISE_LIMIT = 32 * 1024
 # CBC padding up to 255): an application record pays back the rest of this towards rule 6.
 RECORD_OVERHEAD = 5 + 16 + 48 + 256
 # Work per step: ciphertext goes to OpenSSL at most this many records (or bytes) at a time, so
-# a read full of KeyUpdates is stopped by rule 6 within a step (~64 records, a few ms).
+# a read full of KeyUpdates is stopped by rule 6 within a step (~64 records, a few ms). A step
+# is also what the incoming BIO holds at once, and OpenSSL keeps a memory BIO's buffer at the
+# most it ever held for the session's life: steps of 64 KiB left ~90 KiB per session after one
+# large upload, steps of 16 KiB (two of libpq's 8 KiB records, or one 16 KiB record) 34 KiB,
+# decrypting as fast (in-process, 100 MB of 8 KiB records: 1323 vs 1321-1373 MB/s; 8 KiB steps:
+# 1263-1279) (benchmarks/bio_memory.py).
 STEP_RECORDS = 64
-STEP_BYTES = 64 * 1024
+STEP_BYTES = 16 * 1024
 # A read this small goes to OpenSSL whole, without a look at its record headers: the
 # per-message path (a pgbench -S query is one record of ~100 bytes).
 FAST_MAX = 2048
@@ -337,6 +346,10 @@ class TlsEndpoint(Endpoint):
     3, 4 and 6 (module docstring) can be kept, and records to the client stay <= 8 KiB.
     """
 
+    __slots__ = ("_backlog", "_backlog_size", "_encrypt", "_fast", "_head", "_held", "_incoming",
+                 "_noise", "_outgoing", "_pending", "_read", "_skip", "handshake", "initial",
+                 "raw", "raw_paused", "ssl_object", "state")
+
     def __init__(self, context: ssl.SSLContext) -> None:
         super().__init__()
         self._incoming = ssl.MemoryBIO()
@@ -348,9 +361,13 @@ class TlsEndpoint(Endpoint):
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.state = HANDSHAKE
         # The plain transport keeps uvloop's default limits (64 KiB); while it is paused,
-        # ciphertext waits in the outgoing BIO, and only past WRITE_HIGH_WATER there is the
-        # backend paused, as uvloop's SSL protocol does. (A/B of a 500 MB COPY out: 787 vs
-        # 783 MB/s for uvloop's; one 256 KiB limit on the plain transport gave 726 vs 757.)
+        # ciphertext waits in _backlog, and only past WRITE_HIGH_WATER there is the backend
+        # paused, as uvloop's SSL protocol does. (A/B of a 500 MB COPY out: 787 vs 783 MB/s
+        # for uvloop's; one 256 KiB limit on the plain transport gave 726 vs 757.) Not in the
+        # outgoing BIO: OpenSSL never shrinks a memory BIO's buffer, so whatever it held once
+        # would stay allocated as long as the session, idle or not (see seal()).
+        self._backlog: list[bytes] = []
+        self._backlog_size = 0
         self.raw_paused = False
         self._held = bytearray()  # rule 3: ciphertext not decrypted while raw_paused
         self._fast = False  # OPEN and not raw_paused: data_received may take its fast path
@@ -621,28 +638,39 @@ class TlsEndpoint(Endpoint):
             self.handshake.exception()  # whoever awaits it still gets it; nobody must
 
     # -- writing --------------------------------------------------------------------------------
-    def encrypt(self, data: bytes | bytearray | memoryview) -> None:
-        """Into the outgoing BIO as records of at most TLS_RECORD_MAX bytes (one SSL_write
-        makes one record of up to 16 KiB)."""
-        write = self._encrypt
-        if len(data) <= TLS_RECORD_MAX:
-            write(data)
-            return
+    def seal(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """`data` as records of at most TLS_RECORD_MAX bytes (one SSL_write makes one record of
+        up to 16 KiB), each taken out of the outgoing BIO as soon as it is made, after what was
+        there before. OpenSSL grows a memory BIO's buffer to the most it ever held and never
+        shrinks it: filled with a whole 256 KiB read, it kept 262 KiB per session for the
+        session's life; one record at a time, ~12 KiB (benchmarks/bio_memory.py)."""
+        write, read = self._encrypt, self._outgoing.read
         view = memoryview(data)
+        out = []
         for start in range(0, len(view), TLS_RECORD_MAX):
             write(view[start:start + TLS_RECORD_MAX])
+            out.append(read())
+        return out
 
     def _flush(self) -> None:
+        """What the outgoing BIO holds (after the backlog, in order) onto the plain transport."""
         out = self._outgoing.read()
         raw = self.raw
-        if out and raw is not None and not raw.is_closing():
+        if self._backlog:
+            pieces = self._backlog
+            self._backlog, self._backlog_size = [], 0
+            if out:
+                pieces.append(out)
+            if raw is not None and not raw.is_closing():
+                raw.writelines(pieces)
+        elif out and raw is not None and not raw.is_closing():
             raw.write(out)
 
     def _check_cap(self) -> None:
         """Rule 4, where the relay makes the bytes: replies to what the client sent, and the
         backend's stream. (What the session writes itself is its own to bound.)"""
         raw = self.raw
-        if raw is not None and raw.get_write_buffer_size() + self._outgoing.pending > WRITE_CAP:
+        if raw is not None and raw.get_write_buffer_size() + self._backlog_size > WRITE_CAP:
             self._abort()
 
     # -- ending ---------------------------------------------------------------------------------
@@ -690,6 +718,8 @@ class ToTlsEndpoint(Endpoint):
     """The backend side of a TLS session: encrypts what it receives straight onto the client's
     plain transport, in this one frame."""
 
+    __slots__ = ()
+
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         if not isinstance(peer, TlsEndpoint):
@@ -701,23 +731,35 @@ class ToTlsEndpoint(Endpoint):
             # a memory BIO takes it all: no partial write
             if len(data) <= TLS_RECORD_MAX:
                 peer._encrypt(data)
-            else:
-                peer.encrypt(data)
+                out = peer._outgoing.read()
+                if peer.raw_paused:
+                    self._hold(peer, [out])
+                    return
+                # peer._flush(), inlined: this is the per-message path
+                raw = peer.raw
+                if raw is not None and not raw.is_closing():
+                    if peer._backlog:
+                        peer._flush()  # (empty while raw is not paused; kept in order anyway)
+                    raw.write(out)
+                return
+            pieces = peer.seal(data)
         except ssl.SSLError:
             return  # our close_notify went out (unwrap): the session is ending
         if peer.raw_paused:
-            self._hold(peer)
+            self._hold(peer, pieces)
             return
-        # peer._flush(), inlined: this is the per-message path
-        out = peer._outgoing.read()
+        peer._backlog, backlog = [], peer._backlog
+        peer._backlog_size = 0
         raw = peer.raw
-        if out and raw is not None and not raw.is_closing():
-            raw.write(out)
+        if raw is not None and not raw.is_closing():
+            raw.writelines(backlog + pieces if backlog else pieces)
 
-    def _hold(self, peer: TlsEndpoint) -> None:
-        """Rule 2: the ciphertext stays in the client's outgoing BIO; past WRITE_HIGH_WATER
-        there the backend stops (TlsEndpoint.resume_writing resumes it)."""
-        if peer._outgoing.pending >= WRITE_HIGH_WATER:
+    def _hold(self, peer: TlsEndpoint, pieces: list[bytes]) -> None:
+        """Rule 2: the ciphertext waits in the client's backlog; past WRITE_HIGH_WATER there
+        the backend stops (TlsEndpoint.resume_writing sends it and resumes the backend)."""
+        peer._backlog += pieces
+        peer._backlog_size += sum(map(len, pieces))
+        if peer._backlog_size >= WRITE_HIGH_WATER:
             self._pause(PEER_FULL)
             peer._check_cap()
 
@@ -725,6 +767,8 @@ class ToTlsEndpoint(Endpoint):
 class TlsTransport(asyncio.Transport):
     """The client transport of a TLS session as the session and the relay see it: `write()`
     encrypts onto the plain transport underneath."""
+
+    __slots__ = ("_closing", "_endpoint", "_raw")
 
     def __init__(self, endpoint: TlsEndpoint, raw: asyncio.Transport) -> None:
         super().__init__()
@@ -737,7 +781,10 @@ class TlsTransport(asyncio.Transport):
             return
         endpoint = self._endpoint
         try:
-            endpoint.encrypt(data)
+            if len(data) <= TLS_RECORD_MAX:
+                endpoint._encrypt(data)
+            else:
+                endpoint._backlog += endpoint.seal(data)
         except ssl.SSLError:
             self.abort()
             return

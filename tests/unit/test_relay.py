@@ -424,15 +424,61 @@ def test_backend_to_client_ciphertext_waits_then_the_backend_pauses(
             sent += chunk
             backend.data_received(chunk)
             assert len(sent) < 2 * 1024 * 1024, "the backend was never paused"
-        # rule 2: the raw transport took what fits its 64 KiB, the rest waited as ciphertext
+        # rule 2: the raw transport took what fits its 64 KiB, the rest waited as ciphertext,
+        # out of the BIO (whose buffer OpenSSL would keep at that size for the session's life)
         assert pair.endpoint.raw_paused and pair.raw.get_write_buffer_size() < 200_000
-        assert pair.endpoint._outgoing.pending >= relay.WRITE_HIGH_WATER
+        assert pair.endpoint._backlog_size >= relay.WRITE_HIGH_WATER
+        assert pair.endpoint._outgoing.pending == 0
         assert not pair.raw.aborted
         got = bytearray()
         while len(got) < len(sent):  # the client reads: everything arrives, the backend resumes
             got += pair.client_reads()
         assert bytes(got) == bytes(sent)
         assert bt.reading and not pair.endpoint.raw_paused
+
+    run(main())
+
+
+def test_the_outgoing_bio_never_holds_more_than_one_record(contexts: dict[str, Any]) -> None:
+    # OpenSSL grows a memory BIO's buffer to the most it ever held and never gives it back: a
+    # 256 KiB reply encrypted into it whole left 262 KiB allocated for the session's life. Each
+    # record is taken out as soon as it is made, whether the client reads or not.
+    async def main() -> None:
+        pair = Pair(contexts["plain"])
+        pair.link()
+        endpoint, backend, bt = pair.endpoint, pair.backend, pair.backend_transport
+        assert backend is not None and bt is not None
+        most = 0
+        encrypt = endpoint._encrypt
+
+        def watched(data: Any) -> int:
+            nonlocal most
+            assert endpoint._outgoing.pending == 0  # nothing left from an earlier record
+            written: int = encrypt(data)
+            most = max(most, endpoint._outgoing.pending)
+            return written
+
+        endpoint._encrypt = watched
+        for size in (256_000, 100, 65_536, 256_000):  # the client reads (raw not paused)
+            chunk = os.urandom(size)
+            backend.data_received(chunk)
+            got = bytearray()
+            while len(got) < size:
+                got += pair.client_reads()
+            assert bytes(got) == chunk
+        tail = bytearray()
+        while bt.reading:  # then it stops reading: the backlog fills, the backend pauses
+            chunk = os.urandom(256_000)
+            tail += chunk
+            backend.data_received(chunk)
+        assert endpoint._backlog_size >= relay.WRITE_HIGH_WATER
+        got = bytearray()
+        for _ in range(1000):  # the client reads again: all of it arrives, in order
+            if len(got) >= len(tail):
+                break
+            got += pair.client_reads()
+        assert bytes(got) == bytes(tail) and bt.reading
+        assert 0 < most <= relay.TLS_RECORD_MAX + relay.RECORD_OVERHEAD, most
 
     run(main())
 
@@ -448,7 +494,7 @@ def test_rule_4_a_backend_that_goes_on_while_paused_is_cut_off(
             if pair.raw.aborted:
                 break
         assert pair.raw.aborted and pair.endpoint.state is relay.ABORTED
-        assert pair.endpoint._outgoing.pending <= relay.WRITE_CAP + 100_000 + 8192
+        assert pair.endpoint._backlog_size <= relay.WRITE_CAP + 100_000 + 8192
 
     run(main())
 
@@ -478,6 +524,50 @@ def test_client_to_backend_pauses_the_client_while_the_backend_is_full(
     run(main())
 
 
+class _WatchedBio:
+    """A MemoryBIO's methods as the relay calls them, noting the most it held after a write."""
+
+    def __init__(self, bio: ssl.MemoryBIO) -> None:
+        self.bio, self.most = bio, 0
+
+    def write(self, data: Any) -> int:
+        written = self.bio.write(data)
+        self.most = max(self.most, self.bio.pending)
+        return written
+
+    def read(self, n: int = -1) -> bytes:
+        return self.bio.read(n)
+
+    @property
+    def pending(self) -> int:
+        return self.bio.pending
+
+
+def test_the_incoming_bio_holds_one_step_at_a_time(contexts: dict[str, Any]) -> None:
+    # What the incoming BIO holds once, its buffer keeps for the session's life (OpenSSL never
+    # shrinks it): a client's 256,000-byte read goes in by steps of about 16 KiB.
+    async def main() -> None:
+        pair = Pair(contexts["plain"])
+        pair.link()
+        bt = pair.backend_transport
+        assert bt is not None
+        watched = _WatchedBio(pair.endpoint._incoming)
+        pair.endpoint._incoming = watched  # type: ignore[assignment]
+        writer = pair.client.writer()
+        payload = os.urandom(1_000_000)
+        stream = b"".join(writer.application_data(payload[i:i + 16_000])
+                          for i in range(0, len(payload), 16_000))
+        got = bytearray()
+        for start in range(0, len(stream), 256_000):  # uvloop's reads; the backend reads all
+            await pair.to_proxy(stream[start:start + 256_000])
+            got += bt.take()
+        assert bytes(got) == payload
+        # 16 KiB steps: at most a step's records and the part of one split between reads
+        assert watched.most <= 16 * 1024 + 2 * (16_000 + relay.RECORD_OVERHEAD), watched.most
+
+    run(main())
+
+
 def test_rule_3_a_client_that_does_not_read_is_not_decrypted(
         contexts: dict[str, Any]) -> None:
     async def main() -> None:
@@ -496,7 +586,7 @@ def test_rule_3_a_client_that_does_not_read_is_not_decrypted(
         flood = b"".join(writer.application_data(bytes(1000)) for _ in range(70))
         await pair.to_proxy(flood)  # past INPUT_HOLD: not read either
         assert not pair.raw.reading and pair.endpoint._paused == relay.OWN_FULL
-        while pair.raw.buffer or pair.endpoint._outgoing.pending:  # the client reads now
+        while pair.raw.buffer or pair.endpoint._backlog:  # the client reads now
             pair.client_reads()
         assert pair.raw.reading and not pair.endpoint._held
         assert bytes(bt.buffer) == b"Q" * 1000 + bytes(70_000)  # in order, nothing lost
@@ -692,3 +782,17 @@ def test_a_terminated_plain_client_stays_unread_when_flow_control_resumes() -> N
         assert not ct.reading, "a terminated client was read again"
 
     run(main())
+
+
+async def _instances() -> list[object]:
+    endpoint = relay.Endpoint()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls = relay.TlsEndpoint(ctx)
+    return [endpoint, tls, relay.ToTlsEndpoint(), relay.TlsTransport(tls, None)]  # type: ignore[arg-type]
+
+
+def test_relay_instances_have_no_dict() -> None:
+    # Two endpoints and a transport live as long as each session: __slots__ on every class of
+    # the chain (asyncio.Protocol and asyncio.Transport declare theirs), no per-instance dict.
+    for obj in asyncio.run(_instances()):
+        assert not hasattr(obj, "__dict__"), type(obj).__name__
