@@ -90,6 +90,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run a `baseline` dwsproxy (workers = the headline's) from this "
                         "source tree, e.g. a `git worktree` of the previous commit: an A/B "
                         "of a change within one run")
+    p.add_argument("--baseline-backend-tls", action="store_true",
+                   help="the `baseline` dwsproxy speaks TLS (verify-full) to PostgreSQL, as "
+                        "dwsproxy-btls does: an A/B of the second hop")
     p.add_argument("--order", choices=("rotate", "fixed"), default="rotate",
                    help="rotate the targets' order every round (default), or keep it fixed")
     p.add_argument("--baseline-python", default="",
@@ -201,7 +204,8 @@ class Bench:
                   f" on {h.HOST}:{t.port}")
         if self.has_baseline():
             t = st.start_dwsproxy("baseline", self.args.workers[0], src=self.baseline_src(),
-                                  python=self.args.baseline_python)
+                                  python=self.args.baseline_python,
+                                  backend_tls=self.args.baseline_backend_tls)
             self.order.append(t.name)
             h.log(f"baseline from {self.args.baseline_src or 'this tree'} "
                   f"({self.args.baseline_python or 'the same interpreter'}) on "

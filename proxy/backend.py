@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import wire
-from .relay import WRITE_HIGH_WATER, Endpoint
+from .relay import Endpoint
+from .tlsclient import ClientTls
 
 if TYPE_CHECKING:
     from .config import BackendConfig
@@ -48,9 +49,13 @@ async def connect(cfg: BackendConfig, btls: BackendTls | None,
     loop = asyncio.get_running_loop()
     try:
         if btls is not None and btls.direct:
-            await loop.create_connection(lambda: endpoint, cfg.host, cfg.port,
-                                         ssl=btls.context, server_hostname=btls.server_hostname
-                                         or None, ssl_handshake_timeout=cfg.connect_timeout)
+            tls = ClientTls(endpoint, btls.context, btls.server_hostname or None)
+            transport, _ = await loop.create_connection(lambda: tls, cfg.host, cfg.port)
+            try:
+                await tls.handshake
+            except BaseException:
+                transport.abort()
+                raise
             return Connected(True, _peer_cert(endpoint))
         await loop.create_connection(lambda: endpoint, cfg.host, cfg.port)
     except ssl.SSLError as exc:
@@ -82,21 +87,19 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
         # CVE-2021-23222 (libpq): bytes after 'S' and before the handshake could be injected
         raise BackendError("received unencrypted data after SSL response", "handshake")
     del endpoint.buffer[:1]
-    loop = asyncio.get_running_loop()
+    tls = ClientTls(endpoint, btls.context, btls.server_hostname)
     try:
-        tls_transport = await loop.start_tls(
-            transport, endpoint, btls.context, server_hostname=btls.server_hostname,
-            ssl_handshake_timeout=cfg.connect_timeout, ssl_shutdown_timeout=3.0)
+        tls.start(transport)
+        await tls.handshake
     except ssl.SSLError as exc:
         transport.abort()
         raise _tls_error(exc) from None
     except (OSError, ConnectionError) as exc:
         transport.abort()
         raise BackendError(f"TLS handshake failed: {exc!r}", "handshake") from None
-    if tls_transport is None:  # the loop closed it under us (shutdown)
-        raise BackendError("TLS handshake interrupted", "handshake")
-    endpoint.transport = tls_transport
-    tls_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    except BaseException:
+        transport.abort()  # timed out or cancelled: no half-made connection stays
+        raise
     return Connected(True, _peer_cert(endpoint))
 
 

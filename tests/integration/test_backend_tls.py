@@ -243,3 +243,34 @@ def test_cancel_over_backend_tls(start_proxy: Callable[..., Proxy], pg_tls: Temp
         assert time.monotonic() - t0 < 10
         timer.join()
     proxy.wait_metric("dwsproxy_cancel_requests_total", 1, result="forwarded")
+
+
+def test_large_transfers_both_ways_over_both_hops(start_proxy: Callable[..., Proxy],
+                                                  pg_tls: TempPostgres, bpki: Pki) -> None:
+    """The backend hop's own TLS (proxy/tlsclient.py): replies, a COPY out and a COPY in of
+    many records, byte for byte, with TLS on both hops; then the session still works."""
+    import hashlib
+
+    import psycopg
+
+    proxy = start_proxy(tls=front_tls(bpki), backend=backend_cfg(pg_tls, bpki))
+    rows = [f"{i:08d}" + "x" * 1000 for i in range(20_000)]  # ~20 MB each way
+    with psycopg.connect(tls_client(proxy.port, bpki), autocommit=True) as conn:
+        assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                            ).fetchone() == (True,)
+        big = conn.execute("SELECT repeat('y', 300000)").fetchone()
+        assert big is not None and big[0] == "y" * 300000
+        conn.execute("CREATE TEMP TABLE t (line text)")
+        with conn.cursor().copy("COPY t FROM STDIN") as copy:
+            for start in range(0, len(rows), 500):
+                copy.write("".join(r + "\n" for r in rows[start:start + 500]))
+        got = conn.execute("SELECT count(*), md5(string_agg(line, E'\\n' ORDER BY line)) "
+                           "FROM t").fetchone()
+        expected = hashlib.md5("\n".join(sorted(rows)).encode()).hexdigest()
+        assert got == (len(rows), expected)
+        out = bytearray()
+        with conn.cursor().copy("COPY (SELECT line FROM t ORDER BY line) TO STDOUT") as copy:
+            for chunk in copy:
+                out += chunk
+        assert bytes(out) == "".join(r + "\n" for r in sorted(rows)).encode()
+        assert conn.execute("SELECT 42").fetchone() == (42,)

@@ -1,0 +1,245 @@
+"""TLS toward the backend on two memory BIOs, under a relay Endpoint.
+
+Owns: the client side of the second hop's TLS once the TCP connection is there (after the
+SSLRequest's `S`, or from the first byte for direct TLS): the handshake, decrypting what the
+backend sends into the endpoint's `data_received`, encrypting what the endpoint's transport is
+given, close_notify. Must not decide what to connect to or how to name a failure (backend.py),
+nor relay (relay.py).
+
+Why not uvloop's start_tls: its SSL protocol keeps a 256 KiB read buffer per connection and
+writes whole reads into its incoming BIO, whose buffer OpenSSL never shrinks, so every session
+that once had a large reply kept ~294 KiB for the rest of its life, idle or not
+(benchmarks/burst_memory.py --hop tls). Here the BIOs are fed and drained in small steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Any
+
+from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint
+
+# Ciphertext given to OpenSSL at a time: the incoming BIO never holds more than this and the
+# rest of one record, so its buffer stays small for the session's life.
+FEED_STEP = 16 * 1024
+
+
+class ClientTls(asyncio.Protocol):
+    """The protocol on the plain transport: TLS records in and out, plaintext to and from
+    `inner` (an Endpoint), whose `transport` is this object's `ClientTlsTransport`."""
+
+    __slots__ = ("_encrypt", "_incoming", "_outgoing", "_read", "facade", "handshake", "inner",
+                 "raw", "sslobj")
+
+    def __init__(self, inner: Endpoint, context: ssl.SSLContext,
+                 server_hostname: str | None) -> None:
+        self.inner = inner
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=False,
+                                       server_hostname=server_hostname)
+        c = getattr(self.sslobj, "_sslobj", self.sslobj)  # the C object: no ssl.py frames
+        self._read, self._encrypt = c.read, c.write
+        self.raw: asyncio.Transport | None = None
+        self.facade = ClientTlsTransport(self)
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # a failure nobody awaits any more (the connect timed out) is not logged as unretrieved
+        self.handshake.add_done_callback(_retrieve)
+
+    # -- start ----------------------------------------------------------------------------------
+    def start(self, raw: asyncio.Transport) -> None:
+        """Take over `raw` (already the inner endpoint's, before the SSLRequest's answer) and
+        send the ClientHello; `handshake` completes or fails with the ssl.SSLError."""
+        self.raw = raw
+        raw.set_protocol(self)
+        self.inner.transport = self.facade
+        self._step()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Direct TLS: this protocol is the connection's from the start."""
+        self.raw = transport  # type: ignore[assignment]
+        self.inner.connection_made(self.facade)
+        self._step()
+
+    def _step(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except ssl.SSLError as exc:
+            self._flush()  # the alert that says why
+            if not self.handshake.done():
+                self.handshake.set_exception(exc)
+            if self.raw is not None:
+                self.raw.abort()
+            return
+        self._flush()
+        if not self.handshake.done():
+            self.handshake.set_result(None)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        incoming, read = self._incoming, self._read
+        view = memoryview(data) if len(data) > FEED_STEP else data
+        parts: list[bytes] = []  # delivered once per read: one write onward, not one a step
+        for start in range(0, len(data), FEED_STEP):
+            incoming.write(view[start:start + FEED_STEP])
+            if not self.handshake.done():
+                self._step()
+                if not self.handshake.done():
+                    continue
+                if self.handshake.exception() is not None:
+                    return
+            while True:
+                try:
+                    chunk = read(SSL_READ_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLError:
+                    if self.raw is not None:
+                        self.raw.abort()  # a corrupt record: connection_lost follows
+                    return
+                if not chunk:  # close_notify
+                    self._deliver(parts)
+                    self._flush()
+                    self._eof()
+                    return
+                parts.append(chunk)
+                if not incoming.pending:
+                    break
+        self._deliver(parts)
+        if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
+            self._flush()
+
+    def _deliver(self, parts: list[bytes]) -> None:
+        if parts:
+            self.inner.data_received(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def _eof(self) -> None:
+        if not self.inner.eof_received() and self.raw is not None:
+            self.raw.close()
+
+    def eof_received(self) -> bool | None:
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionResetError(
+                "the server closed the connection during the TLS handshake"))
+            return None
+        self.inner.eof_received()
+        return None  # TLS cannot half-close: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionResetError(
+                "the server closed the connection during the TLS handshake"))
+        self.inner.connection_lost(exc)
+        self.inner.transport = None  # the facade points back here: break the cycle
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # -- writing --------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        out = self._outgoing.read()
+        raw = self.raw
+        if out and raw is not None and not raw.is_closing():
+            raw.write(out)
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt `data`, one record (at most TLS_RECORD_MAX bytes) at a time, each taken out
+        of the outgoing BIO as it is made: that BIO's buffer stays the size of one record."""
+        raw = self.raw
+        if raw is None or raw.is_closing():
+            return
+        if len(data) <= TLS_RECORD_MAX:
+            self._encrypt(data)
+            raw.write(self._outgoing.read())
+            return
+        write, read = self._encrypt, self._outgoing.read
+        view = memoryview(data)
+        pieces = []
+        for start in range(0, len(view), TLS_RECORD_MAX):
+            write(view[start:start + TLS_RECORD_MAX])
+            pieces.append(read())
+        raw.writelines(pieces)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class ClientTlsTransport(asyncio.Transport):
+    """The backend transport as the endpoint, the session and the relay see it."""
+
+    __slots__ = ("_closing", "_tls")
+
+    def __init__(self, tls: ClientTls) -> None:
+        super().__init__()
+        self._tls = tls
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._closing:
+            try:
+                self._tls.send(data)
+            except ssl.SSLError:
+                self.abort()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        tls = self._tls
+        if tls.handshake.done() and tls.handshake.exception() is None:
+            # queues our close_notify; SSLWantReadError: the server's is not awaited
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                tls.sslobj.unwrap()
+            tls._flush()
+        if tls.raw is not None:
+            tls.raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._tls.raw is not None:
+            self._tls.raw.abort()
+
+    def is_closing(self) -> bool:
+        raw = self._tls.raw
+        return self._closing or raw is None or raw.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        raw = self._tls.raw
+        return raw is not None and raw.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        raw = self._tls.raw
+        return raw.get_write_buffer_size() if raw is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._tls.raw is not None:
+            self._tls.raw.set_write_buffer_limits(high=high, low=low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._tls.sslobj
+        if name == "peercert":
+            return self._tls.sslobj.getpeercert()
+        raw = self._tls.raw
+        return raw.get_extra_info(name, default) if raw is not None else default

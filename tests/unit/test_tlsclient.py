@@ -1,0 +1,159 @@
+"""tlsclient.py: the backend hop's TLS on memory BIOs, against a server SSLObject on memory BIOs,
+with a transport that keeps what is written."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+from proxy import certs, relay, tlsclient
+
+
+class Wire(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.buffer = bytearray()
+        self.protocol: Any = None
+        self.reading = True
+        self.closed = False
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def write(self, data: Any) -> None:
+        self.buffer += data
+
+    def take(self) -> bytes:
+        out = bytes(self.buffer)
+        self.buffer.clear()
+        return out
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.buffer)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class Watched:
+    def __init__(self, bio: ssl.MemoryBIO) -> None:
+        self.bio, self.most = bio, 0
+
+    def write(self, data: Any) -> int:
+        n = self.bio.write(data)
+        self.most = max(self.most, self.bio.pending)
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        return self.bio.read(n)
+
+    @property
+    def pending(self) -> int:
+        return self.bio.pending
+
+
+def _server(tmp: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLContext]:
+    certs.init(tmp)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(tmp / "server.crt", tmp / "server.key")
+    si, so = ssl.MemoryBIO(), ssl.MemoryBIO()
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(tmp / "cacert.pem")
+    return sctx.wrap_bio(si, so, server_side=True), si, so, cctx
+
+
+def test_handshake_then_both_directions_in_small_steps(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, si, so, cctx = _server(tmp_path)
+        inner = relay.Endpoint()
+        wire = Wire()
+        inner.connection_made(wire)
+        tls = tlsclient.ClientTls(inner, cctx, "localhost")
+        tls.start(wire)
+        assert wire.protocol is tls and inner.transport is tls.facade
+        for _ in range(4):  # the handshake over the wire
+            si.write(wire.take())
+            with contextlib.suppress(ssl.SSLWantReadError):
+                server.do_handshake()
+            data = so.read()
+            if data:
+                tls.data_received(data)
+            if tls.handshake.done():
+                break
+        await tls.handshake
+        si.write(wire.take())  # the client's Finished
+        server.do_handshake()
+        assert tls.facade.get_extra_info("ssl_object").getpeercert(True)
+        # backend -> proxy: 1 MB of records in uvloop-sized reads; the incoming BIO holds a
+        # step and the rest of one record at most (its buffer is kept for the session's life)
+        watched = Watched(tls._incoming)
+        tls._incoming = watched  # type: ignore[assignment]
+        payload = os.urandom(1_000_000)
+        for start in range(0, len(payload), 16_000):
+            server.write(payload[start:start + 16_000])
+        stream = so.read()
+        for start in range(0, len(stream), 256_000):
+            tls.data_received(stream[start:start + 256_000])
+        assert bytes(inner.buffer) == payload
+        assert watched.most <= tlsclient.FEED_STEP + 16_000 + 256, watched.most
+        # proxy -> backend: one record per 8 KiB, in order
+        wire.take()
+        tls.facade.write(payload[:300_000])
+        si.write(wire.take())
+        got = bytearray()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while len(got) < 300_000:
+                got += server.read(65536)
+        assert bytes(got) == payload[:300_000]
+        # our close: close_notify, then the transport closes
+        tls.facade.close()
+        assert wire.closed
+
+    asyncio.run(main())
+
+
+def test_a_wrong_name_fails_the_handshake_with_the_verification_error(tmp_path: Path) -> None:
+    async def main() -> None:
+        server, si, so, cctx = _server(tmp_path)
+        inner = relay.Endpoint()
+        wire = Wire()
+        inner.connection_made(wire)
+        tls = tlsclient.ClientTls(inner, cctx, "not-this-host.example")
+        tls.start(wire)
+        for _ in range(4):
+            si.write(wire.take())
+            with contextlib.suppress(ssl.SSLError):
+                server.do_handshake()
+            data = so.read()
+            if data:
+                tls.data_received(data)
+            if tls.handshake.done():
+                break
+        try:
+            await tls.handshake
+        except ssl.SSLCertVerificationError as exc:
+            assert exc.verify_code == 62  # X509_V_ERR_HOSTNAME_MISMATCH
+        else:
+            raise AssertionError("the handshake did not fail")
+        assert wire.closed
+
+    asyncio.run(main())
