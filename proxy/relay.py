@@ -160,7 +160,7 @@ class Endpoint(asyncio.Protocol):
 
     def _reading(self) -> asyncio.Transport | None:
         """The transport whose reading the reasons of `_paused` stop. (Not kept in an
-        attribute: backend.py swaps `transport` for a TLS one after start_tls.)"""
+        attribute: tlsclient.py swaps `transport` for its TLS facade after the SSLRequest.)"""
         return self.transport
 
     def _pause(self, why: int) -> None:
