@@ -52,7 +52,7 @@ async def connect(cfg: BackendConfig, btls: BackendTls | None,
             tls = ClientTls(endpoint, btls.context, btls.server_hostname or None)
             transport, _ = await loop.create_connection(lambda: tls, cfg.host, cfg.port)
             try:
-                await tls.handshake
+                await asyncio.shield(tls.handshake)  # a timeout must not cancel ClientTls's
             except BaseException:
                 transport.abort()
                 raise
@@ -90,7 +90,7 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
     tls = ClientTls(endpoint, btls.context, btls.server_hostname)
     try:
         tls.start(transport)
-        await tls.handshake
+        await asyncio.shield(tls.handshake)  # a timeout must not cancel ClientTls's future
     except ssl.SSLError as exc:
         transport.abort()
         raise _tls_error(exc) from None

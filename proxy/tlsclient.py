@@ -43,7 +43,7 @@ class ClientTls(asyncio.Protocol):
         c = getattr(self.sslobj, "_sslobj", self.sslobj)  # the C object: no ssl.py frames
         self._read, self._encrypt = c.read, c.write
         self.raw: asyncio.Transport | None = None
-        self.facade = ClientTlsTransport(self)
+        self.facade: ClientTlsTransport | None = ClientTlsTransport(self)
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # a failure nobody awaits any more (the connect timed out) is not logged as unretrieved
         self.handshake.add_done_callback(_retrieve)
@@ -60,6 +60,7 @@ class ClientTls(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Direct TLS: this protocol is the connection's from the start."""
         self.raw = transport  # type: ignore[assignment]
+        assert self.facade is not None
         self.inner.connection_made(self.facade)
         self._step()
 
@@ -72,7 +73,9 @@ class ClientTls(asyncio.Protocol):
         except ssl.SSLError as exc:
             self._flush()  # the alert that says why
             if not self.handshake.done():
-                self.handshake.set_exception(exc)
+                # without its traceback: the frames (this one's 256 KiB `data`) would live on
+                # in the BackendError's context
+                self.handshake.set_exception(exc.with_traceback(None))
             if self.raw is not None:
                 self.raw.abort()
             return
@@ -99,8 +102,12 @@ class ClientTls(asyncio.Protocol):
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLError:
+                    # a corrupt record, or (TLS 1.3) the server refusing our certificate after
+                    # its Finished: what came before goes on, then the alert, then the end
+                    self._deliver(parts)
+                    self._flush()
                     if self.raw is not None:
-                        self.raw.abort()  # a corrupt record: connection_lost follows
+                        self.raw.abort()
                     return
                 if not chunk:  # close_notify
                     self._deliver(parts)
@@ -132,10 +139,13 @@ class ClientTls(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshake.done():
-            self.handshake.set_exception(exc or ConnectionResetError(
-                "the server closed the connection during the TLS handshake"))
+            failure = exc or ConnectionResetError(
+                "the server closed the connection during the TLS handshake")
+            self.handshake.set_exception(failure.with_traceback(None))
         self.inner.connection_lost(exc)
-        self.inner.transport = None  # the facade points back here: break the cycle
+        # the endpoint, the facade and this object point at one another: break the cycle
+        self.inner.transport = None
+        self.facade = None
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -196,7 +206,9 @@ class ClientTlsTransport(asyncio.Transport):
             return
         self._closing = True
         tls = self._tls
-        if tls.handshake.done() and tls.handshake.exception() is None:
+        done = tls.handshake
+        # (cancelled when a caller's timeout hit while it waited: exception() would raise)
+        if done.done() and not done.cancelled() and done.exception() is None:
             # queues our close_notify; SSLWantReadError: the server's is not awaited
             with contextlib.suppress(ssl.SSLError, ValueError):
                 tls.sslobj.unwrap()

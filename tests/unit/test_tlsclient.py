@@ -157,3 +157,29 @@ def test_a_wrong_name_fails_the_handshake_with_the_verification_error(tmp_path: 
         assert wire.closed
 
     asyncio.run(main())
+
+
+def test_close_after_a_timed_out_handshake_does_not_raise(tmp_path: Path) -> None:
+    # A caller's timeout while the handshake is awaited (send_cancel, probe) must end in its
+    # own error: closing the half-made connection may not raise CancelledError instead.
+    async def main() -> None:
+        _server_obj, _si, _so, cctx = _server(tmp_path)
+        inner = relay.Endpoint()
+        wire = Wire()
+        inner.connection_made(wire)
+        tls = tlsclient.ClientTls(inner, cctx, "localhost")
+        tls.start(wire)  # the ClientHello goes out; the server never answers
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.shield(tls.handshake)
+        except TimeoutError:
+            pass
+        assert not tls.handshake.done()
+        tls.handshake.cancel()  # even a cancelled future (an unshielded caller's)
+        assert inner.transport is tls.facade
+        inner.transport.close()
+        assert wire.closed
+        tls.connection_lost(None)
+        assert inner.transport is None and tls.facade is None  # no cycle left
+
+    asyncio.run(main())
