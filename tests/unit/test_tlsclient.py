@@ -81,24 +81,36 @@ def _server(tmp: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl
     return sctx.wrap_bio(si, so, server_side=True), si, so, cctx
 
 
+class Hop:
+    """A ClientTls on a Wire, taken over from an Endpoint as after the SSLRequest's `S`, and the
+    server it talks to."""
+
+    def __init__(self, tmp: Path, hostname: str) -> None:
+        self.server, self.si, self.so, cctx = _server(tmp)
+        self.inner = relay.Endpoint()
+        self.wire = Wire()
+        self.inner.connection_made(self.wire)
+        self.tls = tlsclient.ClientTls(self.inner, cctx, hostname)
+        self.tls.start(self.wire)  # the ClientHello goes out
+
+    def handshake(self, errors: type[Exception]) -> None:
+        for _ in range(4):
+            self.si.write(self.wire.take())
+            with contextlib.suppress(errors):
+                self.server.do_handshake()
+            data = self.so.read()
+            if data:
+                self.tls.data_received(data)
+            if self.tls.handshake.done():
+                break
+
+
 def test_handshake_then_both_directions_in_small_steps(tmp_path: Path) -> None:
     async def main() -> None:
-        server, si, so, cctx = _server(tmp_path)
-        inner = relay.Endpoint()
-        wire = Wire()
-        inner.connection_made(wire)
-        tls = tlsclient.ClientTls(inner, cctx, "localhost")
-        tls.start(wire)
+        hop = Hop(tmp_path, "localhost")
+        server, si, so, inner, wire, tls = hop.server, hop.si, hop.so, hop.inner, hop.wire, hop.tls
         assert wire.protocol is tls and inner.transport is tls.facade
-        for _ in range(4):  # the handshake over the wire
-            si.write(wire.take())
-            with contextlib.suppress(ssl.SSLWantReadError):
-                server.do_handshake()
-            data = so.read()
-            if data:
-                tls.data_received(data)
-            if tls.handshake.done():
-                break
+        hop.handshake(ssl.SSLWantReadError)
         await tls.handshake
         si.write(wire.take())  # the client's Finished
         server.do_handshake()
@@ -133,21 +145,9 @@ def test_handshake_then_both_directions_in_small_steps(tmp_path: Path) -> None:
 
 def test_a_wrong_name_fails_the_handshake_with_the_verification_error(tmp_path: Path) -> None:
     async def main() -> None:
-        server, si, so, cctx = _server(tmp_path)
-        inner = relay.Endpoint()
-        wire = Wire()
-        inner.connection_made(wire)
-        tls = tlsclient.ClientTls(inner, cctx, "not-this-host.example")
-        tls.start(wire)
-        for _ in range(4):
-            si.write(wire.take())
-            with contextlib.suppress(ssl.SSLError):
-                server.do_handshake()
-            data = so.read()
-            if data:
-                tls.data_received(data)
-            if tls.handshake.done():
-                break
+        hop = Hop(tmp_path, "not-this-host.example")
+        wire, tls = hop.wire, hop.tls
+        hop.handshake(ssl.SSLError)
         try:
             await tls.handshake
         except ssl.SSLCertVerificationError as exc:
@@ -163,12 +163,8 @@ def test_close_after_a_timed_out_handshake_does_not_raise(tmp_path: Path) -> Non
     # A caller's timeout while the handshake is awaited (send_cancel, probe) must end in its
     # own error: closing the half-made connection may not raise CancelledError instead.
     async def main() -> None:
-        _server_obj, _si, _so, cctx = _server(tmp_path)
-        inner = relay.Endpoint()
-        wire = Wire()
-        inner.connection_made(wire)
-        tls = tlsclient.ClientTls(inner, cctx, "localhost")
-        tls.start(wire)  # the ClientHello goes out; the server never answers
+        hop = Hop(tmp_path, "localhost")  # the server never answers
+        inner, wire, tls = hop.inner, hop.wire, hop.tls
         try:
             async with asyncio.timeout(0.05):
                 await asyncio.shield(tls.handshake)
