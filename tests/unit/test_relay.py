@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bio_watch import WatchedBio
 from tls_records import HandmadeClient
 
 from proxy import certs, relay, wire
@@ -524,25 +525,6 @@ def test_client_to_backend_pauses_the_client_while_the_backend_is_full(
     run(main())
 
 
-class _WatchedBio:
-    """A MemoryBIO's methods as the relay calls them, noting the most it held after a write."""
-
-    def __init__(self, bio: ssl.MemoryBIO) -> None:
-        self.bio, self.most = bio, 0
-
-    def write(self, data: Any) -> int:
-        written = self.bio.write(data)
-        self.most = max(self.most, self.bio.pending)
-        return written
-
-    def read(self, n: int = -1) -> bytes:
-        return self.bio.read(n)
-
-    @property
-    def pending(self) -> int:
-        return self.bio.pending
-
-
 def test_the_incoming_bio_holds_one_step_at_a_time(contexts: dict[str, Any]) -> None:
     # What the incoming BIO holds once, its buffer keeps for the session's life (OpenSSL never
     # shrinks it): a client's 256,000-byte read goes in by steps of about 16 KiB.
@@ -551,7 +533,7 @@ def test_the_incoming_bio_holds_one_step_at_a_time(contexts: dict[str, Any]) -> 
         pair.link()
         bt = pair.backend_transport
         assert bt is not None
-        watched = _WatchedBio(pair.endpoint._incoming)
+        watched = WatchedBio(pair.endpoint._incoming)
         pair.endpoint._incoming = watched  # type: ignore[assignment]
         writer = pair.client.writer()
         payload = os.urandom(1_000_000)

@@ -10,6 +10,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from bio_watch import WatchedBio
+
 from proxy import certs, relay, tlsclient
 
 
@@ -52,23 +54,6 @@ class Wire(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self.reading = True
-
-
-class Watched:
-    def __init__(self, bio: ssl.MemoryBIO) -> None:
-        self.bio, self.most = bio, 0
-
-    def write(self, data: Any) -> int:
-        n = self.bio.write(data)
-        self.most = max(self.most, self.bio.pending)
-        return n
-
-    def read(self, n: int = -1) -> bytes:
-        return self.bio.read(n)
-
-    @property
-    def pending(self) -> int:
-        return self.bio.pending
 
 
 def _server(tmp: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLContext]:
@@ -117,7 +102,7 @@ def test_handshake_then_both_directions_in_small_steps(tmp_path: Path) -> None:
         assert tls.facade.get_extra_info("ssl_object").getpeercert(True)
         # backend -> proxy: 1 MB of records in uvloop-sized reads; the incoming BIO holds a
         # step and the rest of one record at most (its buffer is kept for the session's life)
-        watched = Watched(tls._incoming)
+        watched = WatchedBio(tls._incoming)
         tls._incoming = watched  # type: ignore[assignment]
         payload = os.urandom(1_000_000)
         for start in range(0, len(payload), 16_000):
