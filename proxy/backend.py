@@ -52,7 +52,7 @@ async def connect(cfg: BackendConfig, btls: BackendTls | None,
             tls = ClientTls(endpoint, btls.context, btls.server_hostname or None)
             transport, _ = await loop.create_connection(lambda: tls, cfg.host, cfg.port)
             try:
-                await asyncio.shield(tls.handshake)  # a timeout must not cancel ClientTls's
+                await asyncio.shield(tls.handshake)  # a timeout must not cancel the future
             except BaseException:
                 transport.abort()
                 raise

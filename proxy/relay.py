@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import enum
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from . import wire
@@ -325,6 +326,22 @@ _NEXT: dict[TlsState, frozenset[TlsState]] = {
     ABORTED: frozenset({CLOSED}),
     CLOSED: frozenset(),
 }
+
+
+def seal(write: Callable[[Any], int], outgoing: ssl.MemoryBIO,
+         data: bytes | bytearray | memoryview) -> list[bytes]:
+    """`data` as records of at most TLS_RECORD_MAX bytes (`write`: the SSL object's, one call
+    makes one record of up to 16 KiB), each taken out of `outgoing` as soon as it is made, after
+    what was there before. OpenSSL grows a memory BIO's buffer to the most it ever held and never
+    shrinks it: filled with a whole 256 KiB read, it kept 262 KiB per session for the session's
+    life; one record at a time, ~12 KiB (benchmarks/bio_memory.py). Both hops use it."""
+    read = outgoing.read
+    view = memoryview(data)
+    out = []
+    for start in range(0, len(view), TLS_RECORD_MAX):
+        write(view[start:start + TLS_RECORD_MAX])
+        out.append(read())
+    return out
 
 
 def _c_methods(sslobj: ssl.SSLObject) -> Any:
@@ -638,20 +655,6 @@ class TlsEndpoint(Endpoint):
             self.handshake.exception()  # whoever awaits it still gets it; nobody must
 
     # -- writing --------------------------------------------------------------------------------
-    def seal(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """`data` as records of at most TLS_RECORD_MAX bytes (one SSL_write makes one record of
-        up to 16 KiB), each taken out of the outgoing BIO as soon as it is made, after what was
-        there before. OpenSSL grows a memory BIO's buffer to the most it ever held and never
-        shrinks it: filled with a whole 256 KiB read, it kept 262 KiB per session for the
-        session's life; one record at a time, ~12 KiB (benchmarks/bio_memory.py)."""
-        write, read = self._encrypt, self._outgoing.read
-        view = memoryview(data)
-        out = []
-        for start in range(0, len(view), TLS_RECORD_MAX):
-            write(view[start:start + TLS_RECORD_MAX])
-            out.append(read())
-        return out
-
     def _flush(self) -> None:
         """What the outgoing BIO holds (after the backlog, in order) onto the plain transport."""
         out = self._outgoing.read()
@@ -742,7 +745,7 @@ class ToTlsEndpoint(Endpoint):
                         peer._flush()  # (empty while raw is not paused; kept in order anyway)
                     raw.write(out)
                 return
-            pieces = peer.seal(data)
+            pieces = seal(peer._encrypt, peer._outgoing, data)
         except ssl.SSLError:
             return  # our close_notify went out (unwrap): the session is ending
         if peer.raw_paused:
@@ -784,7 +787,7 @@ class TlsTransport(asyncio.Transport):
             if len(data) <= TLS_RECORD_MAX:
                 endpoint._encrypt(data)
             else:
-                endpoint._backlog += endpoint.seal(data)
+                endpoint._backlog += seal(endpoint._encrypt, endpoint._outgoing, data)
         except ssl.SSLError:
             self.abort()
             return

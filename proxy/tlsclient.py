@@ -19,7 +19,7 @@ import contextlib
 import ssl
 from typing import Any
 
-from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint
+from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint, seal
 
 # Ciphertext given to OpenSSL at a time: the incoming BIO never holds more than this and the
 # rest of one record, so its buffer stays small for the session's life.
@@ -161,8 +161,7 @@ class ClientTls(asyncio.Protocol):
             raw.write(out)
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt `data`, one record (at most TLS_RECORD_MAX bytes) at a time, each taken out
-        of the outgoing BIO as it is made: that BIO's buffer stays the size of one record."""
+        """Encrypt `data` onto the plain transport, one record at a time (relay.seal)."""
         raw = self.raw
         if raw is None or raw.is_closing():
             return
@@ -170,13 +169,7 @@ class ClientTls(asyncio.Protocol):
             self._encrypt(data)
             raw.write(self._outgoing.read())
             return
-        write, read = self._encrypt, self._outgoing.read
-        view = memoryview(data)
-        pieces = []
-        for start in range(0, len(view), TLS_RECORD_MAX):
-            write(view[start:start + TLS_RECORD_MAX])
-            pieces.append(read())
-        raw.writelines(pieces)
+        raw.writelines(seal(self._encrypt, self._outgoing, data))
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
