@@ -7,7 +7,10 @@ then measures, alternating the targets A B C D A B C D … within each test and 
 test `--reps` times:
 
   select_8 / _32 / _256  pgbench -S TPS, 8, 32 and 256 clients (-j 2)
-  connect_8              pgbench -S -C TPS (a new TLS connection per transaction), 8 clients
+  connect_8              pgbench -S -C TPS (a new TLS connection per transaction), 8 clients;
+                         also PgBouncer with server_lifetime = 0 (`pgbouncer-once`: a server
+                         connection opened for each client, as dwsproxy does, not one from
+                         the pool), for the cost of a connection like for like
   latency_1              pgbench -S, 1 client: average and p99 latency (ms) per transaction
                          from pgbench's per-transaction log
   copy_out               psql COPY (SELECT repeat('x', 1000) FROM generate_series(…)) TO STDOUT
@@ -58,6 +61,9 @@ PGBENCH = {
 # The backend-TLS target runs only where the second hop shows: throughput, the connect rate
 # (a backend handshake per session) and COPY; the rest would only lengthen the run.
 BACKEND_TLS_TESTS = ("select_32", "connect_8", "copy_out")
+# PgBouncer without server reuse runs only there: the other tests keep their sessions open.
+PGB_ONCE = "pgbouncer-once"
+PGB_ONCE_TESTS = ("connect_8",)
 # The same code measured twice on the shared development machine differs by up to this much.
 NOISE = 0.05
 
@@ -192,6 +198,10 @@ class Bench:
         pgb = st.start_pgbouncer()
         h.log(f"PgBouncer on {h.HOST}:{pgb.port} (pid {pgb.proc.pid}, user postgres)")
         self.order = ["direct", "pgbouncer"]
+        if any(t in self.args.tests for t in PGB_ONCE_TESTS):
+            once = st.start_pgbouncer(PGB_ONCE, once=True)
+            self.order.append(once.name)
+            h.log(f"{once.name} (server_lifetime = 0) on {h.HOST}:{once.port}")
         for w in self.args.workers:
             t = st.start_dwsproxy(dws_name(w), w)
             self.order.append(t.name)
@@ -215,8 +225,8 @@ class Bench:
             # load, so that its figure does not depend on what the throughput tests left in the
             # allocators (that is reported apart, as RSS after the load tests).
             for name in self.order[1:]:
-                if name == BACKEND_TLS:
-                    continue  # not an idle-session target (BACKEND_TLS_TESTS)
+                if name in (BACKEND_TLS, PGB_ONCE):
+                    continue  # not idle-session targets (BACKEND_TLS_TESTS, PGB_ONCE_TESTS)
                 twin = idle_twin(name)
                 if name == "pgbouncer":
                     t = st.start_pgbouncer(twin)
@@ -333,6 +343,8 @@ class Bench:
                 for target in self.order[k:] + self.order[:k]:
                     if target == BACKEND_TLS and test not in BACKEND_TLS_TESTS:
                         continue
+                    if target == PGB_ONCE and test not in PGB_ONCE_TESTS:
+                        continue
                     self.run_test(test, target, rnd)
         # what the instances that carried the throughput tests hold now, with no sessions
         for name in self.order[1:]:
@@ -383,6 +395,11 @@ class Bench:
                       self.detail_median("connect_8", pgb, "proxy_cpu_us_per_txn"))
             goal("connect_8", f"CPU per new TLS connection: {head} <= 1.5x PgBouncer's", r,
                  None if r is None else r <= 1.5)
+            r = ratio(self.detail_median("connect_8", head, "proxy_cpu_us_per_txn"),
+                      self.detail_median("connect_8", PGB_ONCE, "proxy_cpu_us_per_txn"))
+            goal("connect_8", f"(like for like, beside the target) CPU per new TLS connection: "
+                 f"{head} <= 1.5x {PGB_ONCE}'s, PgBouncer opening a server connection per "
+                 "client as dwsproxy does", r, None if r is None else r <= 1.5)
         if "latency_1" in a.tests:
             for key, what in (("value", "average"), ("p99_ms", "p99")):
                 d = self.detail_median("latency_1", "direct", key)
@@ -446,7 +463,9 @@ class Bench:
                              "the same each round")),
                 "pgbouncer": "session pooling, client_tls_sslmode=require, backend plaintext, "
                              f"auth_type=trust, max_client_conn={h.PGBOUNCER_MAX_CLIENTS}, "
-                             f"default_pool_size={h.PGBOUNCER_POOL_SIZE}",
+                             f"default_pool_size={h.PGBOUNCER_POOL_SIZE}; {PGB_ONCE}: the "
+                             "same with server_lifetime=0, in "
+                             f"{', '.join(PGB_ONCE_TESTS)} only",
                 "postgresql": f"ssl=on (same ECDSA P-256 cert/key), max_connections="
                               f"{h.PG_MAX_CONNECTIONS}, fsync=off, trust auth",
                 "dwsproxy": "require_ssl=true, backend plaintext, default logging (info); "
@@ -475,7 +494,7 @@ class Bench:
         a = self.args
         m = s["machine"]
         dws = self.dws_names()
-        cols = ["direct", "pgbouncer", *dws]
+        cols = ["direct", "pgbouncer", *([PGB_ONCE] if PGB_ONCE in self.order else []), *dws]
         ratio_cols = [f"{n}/{b}" for n in dws for b in ("pgbouncer", "direct")]
         lines = [
             "# dwsproxy benchmark",

@@ -222,7 +222,10 @@ class Stack:
         return count
 
     # -- PgBouncer --
-    def start_pgbouncer(self, name: str = "pgbouncer") -> Target:
+    def start_pgbouncer(self, name: str = "pgbouncer", once: bool = False) -> Target:
+        """PgBouncer in session pooling; `once`: with `server_lifetime = 0`, so that every
+        client gets a server connection of its own, opened for it and closed after it (what
+        dwsproxy does), instead of one that earlier clients left in the pool."""
         assert self.pg is not None
         binary = pgbouncer_binary()
         if binary is None:
@@ -252,6 +255,7 @@ max_db_connections = 0
 ; 1000 idle sessions (session pooling keeps them otherwise for 600 s)
 server_idle_timeout = 2
 server_check_delay = 30
+{"server_lifetime = 0" if once else ""}
 ignore_startup_parameters = extra_float_digits,options
 client_tls_sslmode = require
 client_tls_cert_file = {crt}
