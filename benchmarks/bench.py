@@ -267,13 +267,18 @@ class Bench:
             log_args = ["--log", f"--log-prefix={prefix}"] if logged else []
             pids = t.pids()
             cpu0 = sum(h.cpu_seconds(pid) for pid in pids)
+            wait0 = sum(h.run_queue_wait(pid) for pid in pids)
             tps, out = h.pgbench(t.port, "-S", *extra, "-c", str(clients), "-j", str(threads),
                                  "-T", d, "-n", *log_args, timeout=a.duration + 120)
             cpu = sum(h.cpu_seconds(pid) for pid in pids) - cpu0
+            wait = sum(h.run_queue_wait(pid) for pid in pids) - wait0
             lat = next((ln.split("=", 1)[1].strip() for ln in out.splitlines()
                         if ln.startswith("latency average")), "")
             # the proxy's own CPU time (user + system, all its processes) per transaction
             us = round(cpu / (tps * a.duration) * 1e6, 1) if pids and tps else None
+            # and how long it was ready to run but waited for one of the cores that pgbench
+            # and PostgreSQL share with it
+            waited = round(wait / (tps * a.duration) * 1e6, 1) if pids and tps else None
             if logged:
                 lats = h.read_latency_logs(self.logs, prefix.name)
                 if not lats:
@@ -281,14 +286,15 @@ class Bench:
                 avg = statistics.fmean(lats)
                 p99 = h.percentile(lats, 99)
                 self.add(test, target, avg, p99_ms=p99, tps=tps, transactions=len(lats),
-                         proxy_cpu_us_per_txn=us)
+                         proxy_cpu_us_per_txn=us, proxy_wait_us_per_txn=waited)
                 h.log(f"round {rnd} {test:<13} {target:<12} avg {avg:.3f} ms, p99 {p99:.3f} ms"
                       f" ({tps:,.0f} TPS" + (f", proxy CPU {us} us/txn)" if us is not None
                                             else ")"))
                 for f in self.logs.glob(prefix.name + ".*"):
                     f.unlink()
                 return
-            self.add(test, target, tps, latency=lat, proxy_cpu_us_per_txn=us)
+            self.add(test, target, tps, latency=lat, proxy_cpu_us_per_txn=us,
+                     proxy_wait_us_per_txn=waited)
             h.log(f"round {rnd} {test:<13} {target:<12} {tps:>10,.0f} TPS  (latency {lat}"
                   + (f", proxy CPU {us} us/txn)" if us is not None else ")"))
         elif test == "copy_out":
@@ -545,13 +551,15 @@ class Bench:
                 continue
             vals = []
             for name in cols[1:]:
-                us = [d["proxy_cpu_us_per_txn"] for d in self.details[test].get(name, [])
-                      if d.get("proxy_cpu_us_per_txn") is not None]
-                vals.append(f"{name} {statistics.median(us):.1f}" if us else f"{name} n/a")
+                us = self.detail_median(test, name, "proxy_cpu_us_per_txn")
+                waited = self.detail_median(test, name, "proxy_wait_us_per_txn")
+                vals.append(f"{name} {fmt(us)} (waited {fmt(waited)})")
             cpu_rows.append(f"- {test}: " + ", ".join(vals))
         if cpu_rows:
             lines += ["", "Proxy CPU time per transaction (µs, user + system, all the proxy's "
-                      "processes, from /proc/PID/stat; median):", "", *cpu_rows]
+                      "processes, from /proc/PID/stat; median), and in brackets how long the "
+                      "proxy was ready to run but waited for a CPU (µs per transaction, main "
+                      "threads, /proc/PID/schedstat):", "", *cpu_rows]
         if "idle_1000_rss" in a.tests:
             lines += ["", f"Idle sessions ({a.idle}, each authenticated by PostgreSQL, "
                       "one query run, each on its own backend), on separate instances that run "

@@ -115,6 +115,16 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the process's main thread (where the proxies do their work) has spent runnable
+    but waiting for a CPU (/proc/PID/schedstat, second field); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
                  extra_pids: list[int] | None = None) -> None:
     """SIGTERM, wait, then SIGKILL the process and any descendants we recorded."""
@@ -168,6 +178,7 @@ class Stack:
                  proxy_python: str = "") -> None:
         self.proxy_src = proxy_src  # None: the repo's own proxy/ (the venv's dwsproxy)
         self.proxy_python = proxy_python  # "": the venv's interpreter
+        self._compiled: set[tuple[str, str]] = set()
         self.work = work or Path(tempfile.mkdtemp(prefix="dwsproxy-bench-"))
         os.chmod(self.work, 0o755)  # PgBouncer runs as `postgres` and reads its files here
         self.certs = self.work / "certs"
@@ -330,6 +341,8 @@ port = {mport}
         else:
             argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"]
             cwd = str(REPO)
+        self._compile(src or REPO, python or (str(REPO / ".venv" / "bin" / "python")
+                                              if exe.exists() else sys.executable))
         logp = self.work / f"{name}.log"
         proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.DEVNULL,
                                 stderr=open(logp, "wb"), cwd=cwd, env=env)
@@ -353,6 +366,17 @@ port = {mport}
         target.known_children = children_of(proc.pid)
         self.targets[name] = target
         return target
+
+    def _compile(self, tree: Path, python: str) -> None:
+        """Bytecode for the tree's proxy package, as `pip install` writes it for an installed
+        proxy. A source tree under PYTHONDONTWRITEBYTECODE=1 (set on these machines) has none,
+        and then every start compiles every module, which costs time and leaves ~1.2 MB of
+        the compiler's garbage in the process's baseline RSS."""
+        key = (str(tree), python)
+        if key not in self._compiled:
+            subprocess.run([python, "-m", "compileall", "-q", str(tree / "proxy")], check=True,
+                           stdout=subprocess.DEVNULL)
+            self._compiled.add(key)
 
     def _wait_up(self, target: Target) -> None:
         assert target.proc is not None
