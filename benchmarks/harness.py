@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,6 +464,71 @@ def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
         raise RuntimeError(f"pgbench {' '.join(args)} on port {port} failed "
                            f"(exit {out.returncode}):\n{text[-2000:]}")
     return float(m.group(1)), text
+
+
+PGBENCH_PROGRESS = re.compile(r"^progress: ([0-9.]+) s, ([0-9.]+) tps")
+PGBENCH_TXNS = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
+
+
+@dataclass
+class Steady:
+    """What the proxy spent while pgbench ran, from `skip` seconds into the run to its end,
+    and the transactions pgbench made in that time: its clients are all connected by then."""
+    cpu_s: float
+    wait_s: float
+    transactions: float
+
+
+def pgbench_steady(port: int, pids: list[int], *args: str, skip: float = 2.0,
+                   timeout: float = 120.0) -> tuple[float, str, Steady | None]:
+    """pgbench as `pgbench()` does, with -P 1; the CPU time (and run-queue wait) of `pids`
+    is read when pgbench reports the first second at or past `skip`, and again when it ends.
+    pgbench's clock starts before its clients connect (threadRun), so a run's first seconds
+    carry the connection set-up: 256 TLS handshakes are ~0.3 s of a proxy's CPU, which a
+    whole-run figure spreads over the transactions (+6 us each at 256 clients). None if no
+    progress line came past `skip`."""
+    exe = shutil.which("pgbench") or find_pg_binary("pgbench")
+    assert exe, "pgbench not found"
+    argv = [exe, "-h", HOST, "-p", str(port), "-U", "postgres", "-P", "1", *args, "postgres"]
+
+    def spent() -> tuple[float, float]:
+        return (sum(cpu_seconds(pid) for pid in pids), sum(run_queue_wait(pid) for pid in pids))
+
+    with tempfile.TemporaryFile("w+") as stdout:
+        proc = subprocess.Popen(argv, env=client_env(), stdout=stdout, stderr=subprocess.PIPE,
+                                text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        at: tuple[float, float] | None = None
+        before = 0.0  # transactions reported up to `at`
+        errors: list[str] = []
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                m = PGBENCH_PROGRESS.match(line)
+                if m is None:
+                    errors.append(line)
+                    continue
+                if at is None:
+                    before += float(m.group(2))  # one report a second: tps = transactions
+                    if float(m.group(1)) >= skip:
+                        at = spent()
+            proc.wait()
+            end = spent()
+        finally:
+            timer.cancel()
+        stdout.seek(0)
+        out = stdout.read()
+    text = out + "".join(errors)
+    m = PGBENCH_TPS.search(out)
+    n = PGBENCH_TXNS.search(out)
+    if proc.returncode != 0 or not m or not n:
+        raise RuntimeError(f"pgbench {' '.join(args)} on port {port} failed "
+                           f"(exit {proc.returncode}):\n{text[-2000:]}")
+    steady = None
+    if at is not None and int(n.group(1)) > before:
+        steady = Steady(end[0] - at[0], end[1] - at[1], int(n.group(1)) - before)
+    return float(m.group(1)), text, steady
 
 
 def read_latency_logs(folder: Path, prefix: str) -> list[float]:

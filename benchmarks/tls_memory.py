@@ -80,7 +80,7 @@ def used_bios() -> tuple[ssl.MemoryBIO, ssl.MemoryBIO]:
     """Two memory BIOs after what a TLS 1.3 handshake passes through them here (a ClientHello
     in, the server's flight out): OpenSSL keeps a memory BIO's buffer at its largest."""
     bios = ssl.MemoryBIO(), ssl.MemoryBIO()
-    for bio, size in zip(bios, (517, 833)):  # as measured in session() here
+    for bio, size in zip(bios, (517, 833), strict=True):  # as measured in session() here
         bio.write(b"x" * size)
         bio.read()
     return bios
