@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -268,15 +269,15 @@ class Bench:
             pids = t.pids()
             run = ("-S", *extra, "-c", str(clients), "-j", str(threads), "-T", d, "-n",
                    *log_args)
-            us = waited = None
+            us = waited = whole = None
+            cpu0 = sum(h.cpu_seconds(pid) for pid in pids)
             if test == "connect_8":
                 # each transaction is a connection: the whole run is what is measured
-                cpu0 = sum(h.cpu_seconds(pid) for pid in pids)
                 wait0 = sum(h.run_queue_wait(pid) for pid in pids)
                 tps, out = h.pgbench(t.port, *run, timeout=a.duration + 120)
                 cpu = sum(h.cpu_seconds(pid) for pid in pids) - cpu0
                 wait = sum(h.run_queue_wait(pid) for pid in pids) - wait0
-                txns = tps * a.duration
+                txns = float(h.transactions(out))
             else:
                 # from 2 s in (a third of the run at most) to the end: the clients' connection
                 # set-up is not a transaction's cost (h.pgbench_steady)
@@ -285,13 +286,18 @@ class Bench:
                                                     timeout=a.duration + 120)
                 cpu, wait, txns = ((steady.cpu_s, steady.wait_s, steady.transactions)
                                    if steady else (0.0, 0.0, 0.0))
+                if pids:  # the whole run's figure too, connections included, to compare
+                    whole = round((sum(h.cpu_seconds(pid) for pid in pids) - cpu0)
+                                  / max(1, h.transactions(out)) * 1e6, 1)
             lat = next((ln.split("=", 1)[1].strip() for ln in out.splitlines()
                         if ln.startswith("latency average")), "")
+            setup = h.initial_connection_ms(out)
             if pids and txns:
                 # the proxy's own CPU time (user + system, all its processes) per transaction,
                 # and how long it was ready to run but waited for one of the cores that
                 # pgbench and PostgreSQL share with it
-                us, waited = round(cpu / txns * 1e6, 1), round(wait / txns * 1e6, 1)
+                us = round(cpu / txns * 1e6, 1)
+                waited = None if math.isnan(wait) else round(wait / txns * 1e6, 1)
             if logged:
                 lats = h.read_latency_logs(self.logs, prefix.name)
                 if not lats:
@@ -299,7 +305,8 @@ class Bench:
                 avg = statistics.fmean(lats)
                 p99 = h.percentile(lats, 99)
                 self.add(test, target, avg, p99_ms=p99, tps=tps, transactions=len(lats),
-                         proxy_cpu_us_per_txn=us, proxy_wait_us_per_txn=waited)
+                         proxy_cpu_us_per_txn=us, proxy_wait_us_per_txn=waited,
+                         proxy_cpu_us_per_txn_whole_run=whole, initial_connection_ms=setup)
                 h.log(f"round {rnd} {test:<13} {target:<12} avg {avg:.3f} ms, p99 {p99:.3f} ms"
                       f" ({tps:,.0f} TPS" + (f", proxy CPU {us} us/txn)" if us is not None
                                             else ")"))
@@ -307,7 +314,8 @@ class Bench:
                     f.unlink()
                 return
             self.add(test, target, tps, latency=lat, proxy_cpu_us_per_txn=us,
-                     proxy_wait_us_per_txn=waited)
+                     proxy_wait_us_per_txn=waited, proxy_cpu_us_per_txn_whole_run=whole,
+                     initial_connection_ms=setup)
             h.log(f"round {rnd} {test:<13} {target:<12} {tps:>10,.0f} TPS  (latency {lat}"
                   + (f", proxy CPU {us} us/txn)" if us is not None else ")"))
         elif test == "copy_out":
@@ -564,15 +572,21 @@ class Bench:
                 continue
             vals = []
             for name in cols[1:]:
+                if not self.details[test].get(name):
+                    continue  # not a target of this test (pgbouncer-once, dwsproxy-btls)
                 us = self.detail_median(test, name, "proxy_cpu_us_per_txn")
                 waited = self.detail_median(test, name, "proxy_wait_us_per_txn")
-                vals.append(f"{name} {fmt(us)} (waited {fmt(waited)})")
+                whole = self.detail_median(test, name, "proxy_cpu_us_per_txn_whole_run")
+                vals.append(f"{name} {fmt(us)} (waited {fmt(waited)}"
+                            + (f"; whole run {fmt(whole)}" if whole is not None else "") + ")")
             cpu_rows.append(f"- {test}: " + ", ".join(vals))
         if cpu_rows:
             lines += ["", "Proxy CPU time per transaction (µs, user + system, all the proxy's "
                       "processes, from /proc/PID/stat; median), and in brackets how long the "
                       "proxy was ready to run but waited for a CPU (µs per transaction, main "
-                      "threads, /proc/PID/schedstat):", "", *cpu_rows]
+                      "threads, /proc/PID/schedstat); both from 2 s into each run, except "
+                      "connect_8; \"whole run\": the CPU of the whole run, the clients' "
+                      "connections included, over all its transactions:", "", *cpu_rows]
         if "idle_1000_rss" in a.tests:
             lines += ["", f"Idle sessions ({a.idle}, each authenticated by PostgreSQL, "
                       "one query run, each on its own backend), on separate instances that run "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import re
@@ -118,12 +119,13 @@ def cpu_seconds(pid: int) -> float:
 
 def run_queue_wait(pid: int) -> float:
     """Seconds the process's main thread (where the proxies do their work) has spent runnable
-    but waiting for a CPU (/proc/PID/schedstat, second field); 0 if it is gone."""
+    but waiting for a CPU (/proc/PID/schedstat, second field); NaN if it cannot be read (the
+    process is gone, or the kernel keeps no schedstats), so that the figure says n/a."""
     try:
         with open(f"/proc/{pid}/schedstat") as fh:
             return int(fh.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return math.nan
 
 
 def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
@@ -342,8 +344,9 @@ port = {mport}
         else:
             argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"]
             cwd = str(REPO)
-        self._compile(src or REPO, python or (str(REPO / ".venv" / "bin" / "python")
-                                              if exe.exists() else sys.executable))
+        # with the interpreter that runs it (the console script's is the venv's)
+        self._compile(src or REPO, str(REPO / ".venv" / "bin" / "python")
+                      if argv[0] == str(exe) else argv[0])
         logp = self.work / f"{name}.log"
         proc = subprocess.Popen([*argv, "--config", str(cfg)], stdout=subprocess.DEVNULL,
                                 stderr=open(logp, "wb"), cwd=cwd, env=env)
@@ -470,6 +473,28 @@ PGBENCH_PROGRESS = re.compile(r"^progress: ([0-9.]+) s, ([0-9.]+) tps")
 PGBENCH_TXNS = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 
 
+class Progress:
+    """Transactions so far, from pgbench's `-P 1` lines. Each line gives the time since the
+    run began and the rate over the interval since the line before, whose length is not always
+    one second: pgbench's clock starts before its clients connect, and its first line comes
+    when they are (at 1.3 s, say, for [0, 1.3]); the next is still due at 2.0 s, and covers
+    [1.3, 2.0]."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0  # of the last line
+        self.transactions = 0.0  # up to it
+
+    def feed(self, line: str) -> bool:
+        """Take one line of pgbench's stderr; False when it is not a progress line."""
+        m = PGBENCH_PROGRESS.match(line)
+        if m is None:
+            return False
+        at, tps = float(m.group(1)), float(m.group(2))
+        self.transactions += tps * max(0.0, at - self.seconds)
+        self.seconds = at
+        return True
+
+
 @dataclass
 class Steady:
     """What the proxy spent while pgbench ran, from `skip` seconds into the run to its end,
@@ -484,9 +509,9 @@ def pgbench_steady(port: int, pids: list[int], *args: str, skip: float = 2.0,
     """pgbench as `pgbench()` does, with -P 1; the CPU time (and run-queue wait) of `pids`
     is read when pgbench reports the first second at or past `skip`, and again when it ends.
     pgbench's clock starts before its clients connect (threadRun), so a run's first seconds
-    carry the connection set-up: 256 TLS handshakes are ~0.3 s of a proxy's CPU, which a
-    whole-run figure spreads over the transactions (+6 us each at 256 clients). None if no
-    progress line came past `skip`."""
+    carry the connection set-up, which a whole-run figure spreads over the transactions (at
+    256 clients they took 1.2-1.4 s here: see "whole_run" beside each figure in
+    results/latest.json). None if no progress line came past `skip`."""
     exe = shutil.which("pgbench") or find_pg_binary("pgbench")
     assert exe, "pgbench not found"
     argv = [exe, "-h", HOST, "-p", str(port), "-U", "postgres", "-P", "1", *args, "postgres"]
@@ -500,23 +525,22 @@ def pgbench_steady(port: int, pids: list[int], *args: str, skip: float = 2.0,
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         at: tuple[float, float] | None = None
-        before = 0.0  # transactions reported up to `at`
+        progress, before = Progress(), 0.0  # transactions reported up to `at`
         errors: list[str] = []
         try:
             assert proc.stderr is not None
             for line in proc.stderr:
-                m = PGBENCH_PROGRESS.match(line)
-                if m is None:
+                if not progress.feed(line):
                     errors.append(line)
-                    continue
-                if at is None:
-                    before += float(m.group(2))  # one report a second: tps = transactions
-                    if float(m.group(1)) >= skip:
-                        at = spent()
+                elif at is None and progress.seconds >= skip:
+                    at, before = spent(), progress.transactions
             proc.wait()
             end = spent()
         finally:
             timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         stdout.seek(0)
         out = stdout.read()
     text = out + "".join(errors)
@@ -529,6 +553,21 @@ def pgbench_steady(port: int, pids: list[int], *args: str, skip: float = 2.0,
     if at is not None and int(n.group(1)) > before:
         steady = Steady(end[0] - at[0], end[1] - at[1], int(n.group(1)) - before)
     return float(m.group(1)), text, steady
+
+
+def transactions(out: str) -> int:
+    """"number of transactions actually processed" from pgbench's summary; 0 if absent."""
+    m = PGBENCH_TXNS.search(out)
+    return int(m.group(1)) if m else 0
+
+
+PGBENCH_SETUP = re.compile(r"^initial connection time = ([0-9.]+) ms", re.M)
+
+
+def initial_connection_ms(out: str) -> float | None:
+    """How long pgbench's clients took to connect (pgbench's summary; not with -C)."""
+    m = PGBENCH_SETUP.search(out)
+    return float(m.group(1)) if m else None
 
 
 def read_latency_logs(folder: Path, prefix: str) -> list[float]:

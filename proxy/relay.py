@@ -272,8 +272,9 @@ def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:
 # 8446 5.1; an SSL_read returns one record's), so a read takes its record whole and OpenSSL keeps
 # no plaintext back (SSL_pending is then 0). Not more: _ssl allocates the whole size for every
 # read and shrinks it after, and 256 KiB is above glibc's mmap threshold (128 KiB until a large
-# free raises it): each read was then an mmap, a page fault, an mremap and a munmap, ~17 us a
-# message in a fresh process against ~1.5 for the read itself (test_relay: read_size_faults).
+# free raises it): each read was then an mmap, two page faults, an mremap and a munmap, ~17 us a
+# message in a fresh process against ~1.5 for the read itself (test_relay.py:
+# test_a_small_record_costs_no_page_fault_to_read).
 SSL_READ_SIZE = 16 * 1024
 # Plaintext per record sent to a client. libpq <= 17 in non-blocking mode reads into the free
 # space of its input buffer (at least 8 KiB, pqReadData) and does not drain what OpenSSL keeps

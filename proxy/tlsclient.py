@@ -30,8 +30,8 @@ class ClientTls(asyncio.Protocol):
     """The protocol on the plain transport: TLS records in and out, plaintext to and from
     `inner` (an Endpoint), whose `transport` is this object's `ClientTlsTransport`."""
 
-    __slots__ = ("_encrypt", "_incoming", "_outgoing", "_read", "facade", "handshake", "inner",
-                 "raw", "sslobj")
+    __slots__ = ("_encrypt", "_incoming", "_outgoing", "_pending", "_read", "facade", "handshake",
+                 "inner", "raw", "sslobj")
 
     def __init__(self, inner: Endpoint, context: ssl.SSLContext,
                  server_hostname: str | None) -> None:
@@ -41,7 +41,7 @@ class ClientTls(asyncio.Protocol):
         self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=False,
                                        server_hostname=server_hostname)
         c = getattr(self.sslobj, "_sslobj", self.sslobj)  # the C object: no ssl.py frames
-        self._read, self._encrypt = c.read, c.write
+        self._read, self._encrypt, self._pending = c.read, c.write, c.pending
         self.raw: asyncio.Transport | None = None
         self.facade: ClientTlsTransport | None = ClientTlsTransport(self)
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,7 +85,7 @@ class ClientTls(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        incoming, read = self._incoming, self._read
+        incoming, read, pending = self._incoming, self._read, self._pending
         view = memoryview(data) if len(data) > FEED_STEP else data
         parts: list[bytes] = []  # delivered once per read: one write onward, not one a step
         for start in range(0, len(data), FEED_STEP):
@@ -115,8 +115,8 @@ class ClientTls(asyncio.Protocol):
                     self._eof()
                     return
                 parts.append(chunk)
-                if not incoming.pending:
-                    break
+                if not incoming.pending and not pending():
+                    break  # (a read takes a record whole: pending() is 0 here, checked anyway)
         self._deliver(parts)
         if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
             self._flush()

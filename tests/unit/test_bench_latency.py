@@ -37,3 +37,25 @@ def test_p99_is_the_nearest_rank(harness) -> None:
     assert harness.percentile([5.0], 99) == 5.0
     assert harness.percentile(list(reversed(values)), 50) == 50.0
     assert harness.percentile([], 99) is None
+
+
+def test_progress_counts_each_interval_by_its_own_length(harness) -> None:
+    # pgbench 15 -P 1 at 256 clients: the clients take 1.3 s to connect, the first line covers
+    # [0, 1.3] and the next, still due at 2.0 s, only [1.3, 2.0]
+    progress = harness.Progress()
+    assert not progress.feed("starting vacuum...end.\n")
+    lines = ["progress: 1.3 s, 0.0 tps, lat 0.000 ms stddev 0.000, 0 failed\n",
+             "progress: 2.0 s, 6400.0 tps, lat 39.712 ms stddev 5.100, 0 failed\n",
+             "progress: 3.0 s, 6500.0 tps, lat 39.001 ms stddev 5.000, 0 failed\n"]
+    assert [progress.feed(line) for line in lines] == [True, True, True]
+    assert progress.seconds == 3.0
+    assert progress.transactions == pytest.approx(6400.0 * 0.7 + 6500.0)
+
+
+def test_pgbench_summary_fields(harness) -> None:
+    out = ("number of transactions actually processed: 38400\n"
+           "initial connection time = 1315.402 ms\n"
+           "tps = 6400.000000 (without initial connection time)\n")
+    assert harness.transactions(out) == 38400
+    assert harness.initial_connection_ms(out) == 1315.402
+    assert harness.transactions("") == 0 and harness.initial_connection_ms("") is None

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl
 from pathlib import Path
 from typing import Any
 
+import pytest
 from bio_watch import WatchedBio
 
 from proxy import certs, relay, tlsclient
@@ -56,9 +58,12 @@ class Wire(asyncio.Transport):
         self.reading = True
 
 
-def _server(tmp: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLContext]:
+def _server(tmp: Path, maximum: ssl.TLSVersion | None = None,
+            ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLContext]:
     certs.init(tmp)
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if maximum is not None:
+        sctx.maximum_version = maximum
     sctx.load_cert_chain(tmp / "server.crt", tmp / "server.key")
     si, so = ssl.MemoryBIO(), ssl.MemoryBIO()
     cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -70,8 +75,9 @@ class Hop:
     """A ClientTls on a Wire, taken over from an Endpoint as after the SSLRequest's `S`, and the
     server it talks to."""
 
-    def __init__(self, tmp: Path, hostname: str) -> None:
-        self.server, self.si, self.so, cctx = _server(tmp)
+    def __init__(self, tmp: Path, hostname: str,
+                 maximum: ssl.TLSVersion | None = None) -> None:
+        self.server, self.si, self.so, cctx = _server(tmp, maximum)
         self.inner = relay.Endpoint()
         self.wire = Wire()
         self.inner.connection_made(self.wire)
@@ -162,5 +168,36 @@ def test_close_after_a_timed_out_handshake_does_not_raise(tmp_path: Path) -> Non
         assert wire.closed
         tls.connection_lost(None)
         assert inner.transport is None and tls.facade is None  # no cycle left
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_records_of_the_largest_size_leave_nothing_in_openssl(tmp_path: Path,
+                                                              version: ssl.TLSVersion) -> None:
+    # relay.SSL_READ_SIZE is what one record can hold (2^14): a backend's full-size records,
+    # read in any split, arrive whole and leave no plaintext behind in the SSL object
+    async def main() -> None:
+        hop = Hop(tmp_path, "localhost", maximum=version)
+        server, si, so, inner, wire, tls = hop.server, hop.si, hop.so, hop.inner, hop.wire, hop.tls
+        hop.handshake(ssl.SSLWantReadError)
+        await tls.handshake
+        si.write(wire.take())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            server.do_handshake()
+        assert tls.sslobj.version() == ("TLSv1.2" if version is ssl.TLSVersion.TLSv1_2
+                                        else "TLSv1.3")
+        payload = os.urandom(40 * 16384 + 1)
+        for start in range(0, len(payload), 16384):
+            server.write(payload[start:start + 16384])  # one record each, the last of 1 byte
+        stream = so.read()
+        rng = random.Random(1)
+        at = 0
+        while at < len(stream):
+            step = rng.choice((1, 5, 37, 16389, 16421, 70_000, 256_000))
+            tls.data_received(stream[at:at + step])
+            at += step
+            assert tls.sslobj.pending() == 0
+        assert bytes(inner.buffer) == payload
 
     asyncio.run(main())
