@@ -83,7 +83,7 @@ async def main(n: int) -> None:
         endpoint.peer, backend.peer = backend, endpoint
 
         query, reply = b"Q" * 100, b"D" * 300
-        c_write, c_read = relay._c_methods(client).write, outgoing.read
+        c_write, c_read = relay.c_methods(client).write, outgoing.read
 
         def records() -> list[bytes]:
             out = []

@@ -349,7 +349,7 @@ def seal(write: Callable[[Any], int], outgoing: ssl.MemoryBIO,
     return out
 
 
-def _c_methods(sslobj: ssl.SSLObject) -> Any:
+def c_methods(sslobj: ssl.SSLObject) -> Any:
     """The C object under an `ssl.SSLObject`: its methods skip ssl.py's Python wrappers, one
     frame per call on the per-message path."""
     return getattr(sslobj, "_sslobj", sslobj)
@@ -377,7 +377,7 @@ class TlsEndpoint(Endpoint):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        c = _c_methods(self.ssl_object)
+        c = c_methods(self.ssl_object)
         self._read, self._pending, self._encrypt = c.read, c.pending, c.write
         self.raw: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -756,11 +756,8 @@ class ToTlsEndpoint(Endpoint):
         if peer.raw_paused:
             self._hold(peer, pieces)
             return
-        peer._backlog, backlog = [], peer._backlog
-        peer._backlog_size = 0
-        raw = peer.raw
-        if raw is not None and not raw.is_closing():
-            raw.writelines(backlog + pieces if backlog else pieces)
+        peer._backlog += pieces
+        peer._flush()  # the backlog, then these, in one writelines
 
     def _hold(self, peer: TlsEndpoint, pieces: list[bytes]) -> None:
         """Rule 2: the ciphertext waits in the client's backlog; past WRITE_HIGH_WATER there

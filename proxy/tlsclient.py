@@ -19,7 +19,7 @@ import contextlib
 import ssl
 from typing import Any
 
-from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint, seal
+from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint, c_methods, seal
 
 # Ciphertext given to OpenSSL at a time: the incoming BIO never holds more than this and the
 # rest of one record, so its buffer stays small for the session's life.
@@ -40,7 +40,7 @@ class ClientTls(asyncio.Protocol):
         self._outgoing = ssl.MemoryBIO()
         self.sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=False,
                                        server_hostname=server_hostname)
-        c = getattr(self.sslobj, "_sslobj", self.sslobj)  # the C object: no ssl.py frames
+        c = c_methods(self.sslobj)
         self._read, self._encrypt, self._pending = c.read, c.write, c.pending
         self.raw: asyncio.Transport | None = None
         self.facade: ClientTlsTransport | None = ClientTlsTransport(self)
