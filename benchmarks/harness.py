@@ -454,13 +454,17 @@ def tls_resumption(port: int, version: ssl.TLSVersion) -> bool:
 PGBENCH_TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
 
 
-def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
-    """Run pgbench against 127.0.0.1:port over TLS; returns (tps, output)."""
+def pgbench_argv(port: int, *args: str) -> list[str]:
+    """pgbench against 127.0.0.1:port as `postgres`, database `postgres`."""
     exe = shutil.which("pgbench") or find_pg_binary("pgbench")
     assert exe, "pgbench not found"
-    argv = [exe, "-h", HOST, "-p", str(port), "-U", "postgres", *args, "postgres"]
-    out = subprocess.run(argv, env=client_env(), capture_output=True, text=True,
-                         timeout=timeout)
+    return [exe, "-h", HOST, "-p", str(port), "-U", "postgres", *args, "postgres"]
+
+
+def pgbench(port: int, *args: str, timeout: float = 120.0) -> tuple[float, str]:
+    """Run pgbench against 127.0.0.1:port over TLS; returns (tps, output)."""
+    out = subprocess.run(pgbench_argv(port, *args), env=client_env(), capture_output=True,
+                         text=True, timeout=timeout)
     text = out.stdout + out.stderr
     m = PGBENCH_TPS.search(out.stdout)
     if out.returncode != 0 or not m:
@@ -512,9 +516,7 @@ def pgbench_steady(port: int, pids: list[int], *args: str, skip: float = 2.0,
     carry the connection set-up, which a whole-run figure spreads over the transactions (at
     256 clients they took 1.2-1.4 s here: see "whole_run" beside each figure in
     results/latest.json). None if no progress line came past `skip`."""
-    exe = shutil.which("pgbench") or find_pg_binary("pgbench")
-    assert exe, "pgbench not found"
-    argv = [exe, "-h", HOST, "-p", str(port), "-U", "postgres", "-P", "1", *args, "postgres"]
+    argv = pgbench_argv(port, "-P", "1", *args)
 
     def spent() -> tuple[float, float]:
         return (sum(cpu_seconds(pid) for pid in pids), sum(run_queue_wait(pid) for pid in pids))
@@ -593,11 +595,8 @@ def percentile(values: list[float], pct: float) -> float | None:
 
 def pgbench_init(port: int, scale: int = 10) -> str:
     """pgbench -i -s SCALE over TLS (run once, directly against PostgreSQL)."""
-    exe = shutil.which("pgbench") or find_pg_binary("pgbench")
-    assert exe, "pgbench not found"
-    out = subprocess.run([exe, "-h", HOST, "-p", str(port), "-U", "postgres", "-i", "-s",
-                          str(scale), "-q", "postgres"], env=client_env(), capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(pgbench_argv(port, "-i", "-s", str(scale), "-q"), env=client_env(),
+                         capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"pgbench -i failed: {out.stderr[-2000:]}")
     return out.stderr
