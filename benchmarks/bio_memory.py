@@ -80,7 +80,8 @@ class Sink(asyncio.Transport):
 
 
 def measure(n: int, mode: str) -> float:
-    from proxy import certs, relay
+    from proxy.runtime import relay
+    from proxy.tools import certs
 
     with tempfile.TemporaryDirectory() as tmp:
         certs.init(Path(tmp))

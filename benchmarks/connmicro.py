@@ -15,7 +15,9 @@ import timeit
 sys.path.insert(0, os.getcwd())
 import uvloop
 
-from proxy import cli, metrics, session
+from proxy import cli
+from proxy.ops import metrics
+from proxy.runtime import session
 
 N = 20000
 FIELDS = {"peer": "127.0.0.1:51234", "worker_pid": 1234, "encryption": "tls",

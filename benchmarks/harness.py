@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `proxy` is installed editable, but do not depend on it
     sys.path.insert(0, str(REPO))
 
-from proxy import certs as certs_mod  # noqa: E402
-from proxy.demo import TempPostgres, find_pg_binary, free_port  # noqa: E402
+from proxy.tools import certs as certs_mod  # noqa: E402
+from proxy.tools.demo import TempPostgres, find_pg_binary, free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # the only address any benchmark traffic goes to
 PG_MAX_CONNECTIONS = 1200

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from proxy import certs, relay
+from proxy.runtime import relay
+from proxy.tools import certs
 
 
 class Sink:

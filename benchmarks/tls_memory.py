@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from proxy import certs
+from proxy.tools import certs
 
 
 def rss_kib() -> int:

@@ -19,10 +19,14 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import admin
-from . import config as config_mod
+from .config import schema as config_mod
+from .config.errors import ConfigError
+from .ops import admin
+
+if TYPE_CHECKING:
+    from .tls.loader import Loaded
 
 log = logging.getLogger("dwsproxy")
 
@@ -133,20 +137,21 @@ def _run(coro_factory: Any) -> int:
         return int(runner.run(coro_factory()))
 
 
-def _load_or_exit(path: str) -> config_mod.Config:
-    from . import loader
+def _load_or_exit(path: str) -> Loaded:
+    from .tls import loader
 
     try:
         return loader.load(path)
-    except config_mod.ConfigError as exc:
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _config_from_main() -> tuple[config_mod.Config, Any]:
+def _config_from_main() -> tuple[Loaded, Any]:
     """A worker's configuration: the snapshot the main process validated, over the control
     channel it passed; the file named by --config is never read here."""
-    from . import loader, workers
+    from .runtime import workers
+    from .tls import loader
 
     control = workers.control_socket()
     message = workers.read_message_blocking(control) if control is not None else None
@@ -155,7 +160,7 @@ def _config_from_main() -> tuple[config_mod.Config, Any]:
         raise SystemExit(2)
     try:
         return loader.build(workers.snapshot_of(message)), control
-    except config_mod.ConfigError as exc:
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -163,21 +168,22 @@ def _config_from_main() -> tuple[config_mod.Config, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     control = None
     if args.worker:
-        cfg, control = _config_from_main()
+        loaded, control = _config_from_main()
     else:
-        cfg = _load_or_exit(args.config)
+        loaded = _load_or_exit(args.config)
+    cfg = loaded.config
     multiproc_dir = None
     if cfg.listen.workers > 1 and not args.worker:
         multiproc_dir = tempfile.mkdtemp(prefix="dwsproxy-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-    from . import server  # imports prometheus_client: only after the env var is set
+    from .runtime import server  # imports prometheus_client: only after the env var is set
 
     if args.pid_file and not args.worker:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     try:
         worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
                        "--log-format", args.log_format]
-        return _run(lambda: server.serve(cfg, worker=args.worker, worker_argv=worker_argv,
+        return _run(lambda: server.serve(loaded, worker=args.worker, worker_argv=worker_argv,
                                          control=control))
     finally:
         if multiproc_dir:
@@ -199,11 +205,11 @@ def _view_url(args: argparse.Namespace) -> str:
 
 
 def _read_or_exit(path: str) -> str:
-    from . import snapshot
+    from .config import snapshot
 
     try:
         return snapshot.read_text(path)
-    except config_mod.ConfigError as exc:
+    except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -266,7 +272,7 @@ def _status_report(doc: dict[str, Any]) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.file)
+    cfg = _load_or_exit(args.file).config
     print(f"config ok: {cfg.path}")
     return 0
 
@@ -381,15 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("sessions", "status"):
         return cmd_view(args)
     if args.command == "certs":
-        from . import certs
+        from .tools import certs
 
         return certs.main(args)
     if args.command == "probe":
-        from . import probe
+        from .tools import probe
 
         return probe.main(args)
     if args.command == "demo":
-        from . import demo
+        from .tools import demo
 
         return demo.main(args)
     if not args.config:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .config import CLIENTCERT_LEVELS, Rule, TlsConfig, address_matches
-from .tls import ALPN_POSTGRESQL, CertFacts
-from .wire import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION
+from .config.schema import CLIENTCERT_LEVELS, Rule, TlsConfig, address_matches
+from .protocol.decision import Allow as Allow
+from .protocol.decision import Decision as Decision
+from .protocol.decision import Reject as Reject
+from .protocol.wire import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION
+from .tls.contexts import ALPN_POSTGRESQL, CertFacts
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,6 @@ class Facts:
     replication: bool = False
     peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
-
-@dataclass(frozen=True)
-class Allow:
-    rule: int | None = None  # index of the rule that allowed it, None without rules
-
-
-@dataclass(frozen=True)
-class Reject:
-    reason: str  # a dwsproxy_connections_rejected_total reason
-    sqlstate: str
-    message: str
-    hint: str = ""
-
-
-Decision = Allow | Reject
 
 _SSL_HINT = ("connect with SSL: set sslmode=require (or prefer, verify-ca, verify-full) in the "
              "connection string or PGSSLMODE")

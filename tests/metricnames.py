@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy import metrics
+from proxy.ops import metrics
 
 
 def declared_metrics() -> dict[str, str]:

@@ -18,8 +18,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["proxy.wire", "proxy.negotiation"]):
-    from proxy import negotiation, wire
-    from proxy.negotiation import (
+    from proxy.protocol import negotiation, wire
+    from proxy.protocol.decision import Allow, Reject
+    from proxy.protocol.negotiation import (
         AskPolicy,
         ClientHello,
         Close,
@@ -34,7 +35,6 @@ with atheris.instrument_imports(include=["proxy.wire", "proxy.negotiation"]):
         TlsEstablished,
         TlsFailed,
     )
-    from proxy.policy import Allow, Reject
 
 DENY = Reject("rule", wire.INVALID_AUTHORIZATION, "connection refused by rule #1")
 FAILED = TlsFailed("tls_handshake", "TLS handshake failed")

@@ -25,11 +25,11 @@ from typing import Any
 import atheris
 
 with atheris.instrument_imports(include=["proxy.relay"]):
-    from proxy import relay
+    from proxy.runtime import relay
 
-from proxy import certs
-from proxy.config import TlsConfig
-from proxy.loader import server_tls as build_server_tls
+from proxy.config.schema import TlsConfig
+from proxy.tls.loader import server_tls as build_server_tls
+from proxy.tools import certs
 
 
 class FakeTransport(asyncio.Transport):

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import certs, wire
-from proxy.demo import TempPostgres, find_pg_binary, free_port, wait_port
+from proxy.protocol import wire
+from proxy.tools import certs
+from proxy.tools.demo import TempPostgres, find_pg_binary, free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 PSQL = shutil.which("psql") or find_pg_binary("psql")

@@ -174,7 +174,7 @@ def test_status_page_in_a_real_browser(admin_proxy: Proxy,
 
 
 def test_admin_off_and_unreachable(start_proxy: Callable[..., Proxy]) -> None:
-    from proxy.demo import free_port
+    from proxy.tools.demo import free_port
 
     off = start_proxy(metrics={"admin": False})
     for path in ("/sessions", "/status", "/"):

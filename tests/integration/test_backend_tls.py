@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Proxy, clean_env, run_psql
 
-from proxy import certs
-from proxy.demo import TempPostgres
+from proxy.tools import certs
+from proxy.tools.demo import TempPostgres
 
 HBA = """local all all trust
 hostssl all scram_user 127.0.0.0/8 scram-sha-256

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Proxy, clean_env, run_psql
 
-from proxy import certs
+from proxy.tools import certs
 
 
 class Pki:

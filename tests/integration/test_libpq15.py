@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from conftest import Proxy, clean_env
 
-from proxy.demo import TempPostgres
+from proxy.tools.demo import TempPostgres
 
 CLIENT = Path(__file__).resolve().parent / "libpq15_client.py"
 QUERY_TIMEOUT = 5.0  # a query takes milliseconds; a hang is forever

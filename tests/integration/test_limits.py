@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import Proxy, raw_connect, run_psql
 
-from proxy import wire
+from proxy.protocol import wire
 
 PRLIMIT = shutil.which("prlimit")
 IDLE = 300

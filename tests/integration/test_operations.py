@@ -28,8 +28,9 @@ from conftest import (
 )
 from cryptography import x509
 
-from proxy import certs, wire
-from proxy.demo import TempPostgres, find_pg_binary, free_port
+from proxy.protocol import wire
+from proxy.tools import certs
+from proxy.tools.demo import TempPostgres, find_pg_binary, free_port
 
 
 def connect(proxy: Proxy, pki: Path, sslmode: str = "require", user: str = "postgres",

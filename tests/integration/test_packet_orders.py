@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import Proxy, clean_env, error_fields, raw_connect, read_until_close, run_psql
 
-from proxy import wire
-from proxy.demo import TempPostgres
+from proxy.protocol import wire
+from proxy.tools.demo import TempPostgres
 
 SSL_REQUEST = wire.build_request(wire.SSL_REQUEST_CODE)
 GSSENC_REQUEST = wire.build_request(wire.GSSENC_REQUEST_CODE)

@@ -30,8 +30,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import certs, wire
-from proxy.demo import TempPostgres, free_port, wait_port
+from proxy.protocol import wire
+from proxy.tools import certs
+from proxy.tools.demo import TempPostgres, free_port, wait_port
 
 
 class Pki:

@@ -20,8 +20,9 @@ from conftest import REPO, Proxy, clean_env, run_psql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from proxy import certs, gausskey
-from proxy.demo import SSLMODES, TempPostgres, free_port, wait_port
+from proxy.tls import gausskey
+from proxy.tools import certs
+from proxy.tools.demo import SSLMODES, TempPostgres, free_port, wait_port
 
 PG_HBA = """local all all trust
 hostssl all carol 127.0.0.1/32 scram-sha-256

@@ -26,8 +26,8 @@ from conftest import (
     tls_client_context,
 )
 
-from proxy import wire
-from proxy.demo import TempPostgres
+from proxy.protocol import wire
+from proxy.tools.demo import TempPostgres
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.demo import free_port
+from proxy.tools.demo import free_port
 
 DWSPROXY = Path(sys.executable).with_name("dwsproxy")  # the console script pip installed
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -138,7 +138,7 @@ def test_ready_after_listening_reloading_around_sighup_stopping_at_sigterm(
 
 
 def test_without_notify_socket_nothing_is_sent_and_the_proxy_runs(tmp_path: Path) -> None:
-    from proxy import sdnotify
+    from proxy.ops import sdnotify
 
     env_before = os.environ.pop("NOTIFY_SOCKET", None)
     try:

@@ -21,7 +21,7 @@ import pytest
 from conftest import PSQL, Proxy, clean_env, raw_connect
 from tls_records import HandmadeClient, Tls12Writer, Tls13Writer, ssl_request
 
-from proxy import wire
+from proxy.protocol import wire
 
 FLOOD_SECONDS = 10.0
 BATCH = 256  # records made and sent at a time

@@ -8,8 +8,9 @@ from pathlib import Path
 import kubelet
 import pytest
 
-from proxy import certs, loader
-from proxy.config import ConfigError
+from proxy.config.errors import ConfigError
+from proxy.tls import loader
+from proxy.tools import certs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,8 +42,9 @@ def load_error(tmp: Path, text: str) -> ConfigError:
 
 def test_minimal_config_loads_with_relative_paths(bundle: Path) -> None:
     cfg = loader.load(str(write(bundle, BASE)))
-    assert cfg.tls.ssl_cert_file == str(bundle / "certs" / "server.crt")
-    assert cfg.server_tls is not None and cfg.listen.port == 6432 and cfg.rules == ()
+    assert cfg.config.tls.ssl_cert_file == str(bundle / "certs" / "server.crt")
+    assert cfg.server_tls is not None
+    assert cfg.config.listen.port == 6432 and cfg.config.rules == ()
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_crl_dir_reads_pem_and_der(bundle: Path) -> None:
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     text = (REPO / "config" / "dwsproxy.toml").read_text()
     certs.init(tmp_path / "certs")
-    cfg = loader.load(str(write(tmp_path, text)))
+    cfg = loader.load(str(write(tmp_path, text))).config
     assert cfg.rules[0].application_name == "gsql" and cfg.rules[0].ssl_protocols == ("TLSv1.2",)
 
 
@@ -211,7 +213,7 @@ def test_certs_cli_writes_private_keys_0600(tmp_path: Path) -> None:
 def test_default_paths_are_relative_to_the_config_file(bundle: Path, monkeypatch) -> None:
     monkeypatch.chdir("/")
     cfg = loader.load(str(write(bundle, "[listen]\nport = 7000\n")))  # default certs/server.*
-    assert cfg.tls.ssl_key_file == str(bundle / "certs" / "server.key")
+    assert cfg.config.tls.ssl_key_file == str(bundle / "certs" / "server.key")
 
 
 def test_impossible_combinations(bundle: Path) -> None:
@@ -285,8 +287,8 @@ def test_ipv4_mapped_rule_address_is_written_back_to_ipv4(bundle: Path) -> None:
 
     cfg = loader.load(str(write(bundle, BASE + "[[rules]]\naddress = '::ffff:10.1.0.0/112'\n"
                                 "action = 'reject'\n")))
-    assert cfg.rules[0].address == ipaddress.ip_network("10.1.0.0/16")
-    assert cfg.rules[0].matches(encrypted=True, user="u", database="d", application_name="",
+    assert cfg.config.rules[0].address == ipaddress.ip_network("10.1.0.0/16")
+    assert cfg.config.rules[0].matches(encrypted=True, user="u", database="d", application_name="",
                                 peer=ipaddress.ip_address("10.1.2.3"))
     err = load_error(bundle, BASE + "[[rules]]\naddress = '::ffff:0:0/80'\naction = 'allow'\n")
     assert err.key == "rules[1].address" and "IPv4-mapped" in str(err)
@@ -308,9 +310,9 @@ def test_paths_keep_the_kubelet_symlinks(bundle: Path) -> None:
             "ssl_crl_file = 'crl.pem'\nclientcert = 'verify-ca'\n")
     crl = (certs_dir / "crl.pem").read_bytes()
     kubelet.update(vol, {"dwsproxy.toml": text.encode(), "crl.pem": crl}, "2026_12_02_1")
-    cfg = loader.load(str(vol / "dwsproxy.toml"))
+    cfg = loader.load(str(vol / "dwsproxy.toml")).config
     assert cfg.path == str(vol / "dwsproxy.toml") and cfg.tls.ssl_crl_file == str(vol / "crl.pem")
     kubelet.update(vol, {"dwsproxy.toml": text.replace("verify-ca", "optional").encode(),
                          "crl.pem": crl}, "2026_12_02_2")
-    again = loader.load(cfg.path)
+    again = loader.load(cfg.path).config
     assert again.tls.clientcert == "optional"

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from metricnames import declared_metrics, exported_series_names
 
-from proxy import config, metrics
+from proxy.config import schema as config
+from proxy.ops import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -166,7 +167,7 @@ def test_chinese_quick_start_config_is_one_the_parser_accepts() -> None:
 
 
 def test_refusal_messages_in_the_quick_starts_are_the_proxys_own_english_ones() -> None:
-    source = "".join(p.read_text() for p in (ROOT / "proxy").glob("*.py"))
+    source = "".join(p.read_text() for p in (ROOT / "proxy").rglob("*.py"))
     for page in ("README.md", "README.zh-CN.md"):
         messages = re.findall(r"FATAL:\s+([A-Za-z][^`\n(]*[a-z])", (ROOT / page).read_text())
         assert messages, page

@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy import gausskey
+from proxy.tls import gausskey
 
 R1, S1, I1 = bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))
 VECTORS = [

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import wire
-from proxy.negotiation import (
+from proxy.protocol import wire
+from proxy.protocol.decision import Allow, Reject
+from proxy.protocol.negotiation import (
     AskPolicy,
     ClientHello,
     Close,
@@ -28,7 +29,6 @@ from proxy.negotiation import (
     TlsEstablished,
     TlsFailed,
 )
-from proxy.policy import Allow, Reject
 
 SSL = wire.SSLRequest()
 GSS = wire.GSSENCRequest()

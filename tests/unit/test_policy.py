@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 
 from proxy import policy
-from proxy.config import Rule, TlsConfig
-from proxy.tls import CertFacts
+from proxy.config.schema import Rule, TlsConfig
+from proxy.tls.contexts import CertFacts
 
 ALICE = CertFacts(subject="CN=alice,O=dwsproxy", common_name="alice", sans=("alice.example",),
                   issuer="CN=root", serial=1, not_after=0.0)

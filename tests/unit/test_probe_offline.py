@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from proxy import certs, probe, wire
+from proxy.protocol import wire
+from proxy.tools import certs, probe
 
 
 def test_conninfo_keywords_quotes_and_environment() -> None:

@@ -18,9 +18,11 @@ import pytest
 from bio_watch import WatchedBio
 from tls_records import HandmadeClient
 
-from proxy import certs, relay, wire
-from proxy.config import TlsConfig
-from proxy.loader import server_tls as build_server_tls
+from proxy.config.schema import TlsConfig
+from proxy.protocol import wire
+from proxy.runtime import relay
+from proxy.tls.loader import server_tls as build_server_tls
+from proxy.tools import certs
 
 
 @pytest.fixture()
@@ -739,11 +741,14 @@ def test_tls12_renegotiation_attempts_are_refused_and_a_flood_closed(
 def test_a_terminated_plain_client_stays_unread_when_flow_control_resumes() -> None:
     # Session.terminate stops reading the client until the backend reaches a message boundary;
     # the backend draining meanwhile (its resume_writing) must not read the client again.
-    from proxy import config as config_mod
-    from proxy.session import Session
+    from proxy.config import schema as config_mod
+    from proxy.config.snapshot import Snapshot
+    from proxy.runtime.session import Session
+    from proxy.tls.loader import Loaded
 
     class State:
-        config = config_mod.parse('[backend]\nhost = "127.0.0.1"\nport = 5432\n', "t.toml")
+        text = '[backend]\nhost = "127.0.0.1"\nport = 5432\n'
+        loaded = Loaded(config_mod.parse(text, "t.toml"), Snapshot("t.toml", text))
 
         def register(self, session: object) -> str:
             return "1"
@@ -787,7 +792,7 @@ def test_relay_instances_have_no_dict() -> None:
 _READ_FAULTS = """
 import asyncio, contextlib, resource, ssl, sys
 sys.path.insert(0, sys.argv[1])
-from proxy import relay
+from proxy.runtime import relay
 
 class Raw:
     def __init__(self):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.server import (
+from proxy.runtime.state import (
     EVICT_SLACK,
     FD_RESERVE,
     Limits,
@@ -54,7 +54,7 @@ def test_limits_never_promise_more_descriptors_than_there_are(share: int, nofile
 def test_raise_nofile_raises_the_soft_limit_to_the_hard_one(limit: str, expected: str) -> None:
     prlimit = shutil.which("prlimit")
     assert prlimit, "prlimit (util-linux) missing: .ci/system-deps installs it"
-    code = ("import resource; from proxy.server import raise_nofile; print(raise_nofile(), "
+    code = ("import resource; from proxy.runtime.state import raise_nofile; print(raise_nofile(), "
             "resource.getrlimit(resource.RLIMIT_NOFILE))")
     out = subprocess.run([prlimit, f"--nofile={limit}", sys.executable, "-c", code],
                          capture_output=True, text=True, check=True).stdout.split(") (")

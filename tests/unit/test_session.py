@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 import uvloop
 
-from proxy import certs, loader, wire
-from proxy.server import ServerState, make_listen_socket
-from proxy.session import Session, within
+from proxy.protocol import wire
+from proxy.runtime.server import make_listen_socket
+from proxy.runtime.session import Session, within
+from proxy.runtime.state import ServerState
+from proxy.tls import loader
+from proxy.tools import certs
 
 SSL_REQUEST = struct.pack("!II", 8, wire.SSL_REQUEST_CODE)
 
@@ -192,7 +195,7 @@ def test_one_readiness_event_accepts_every_pending_connection(listening: socket.
                                                              config: Any) -> None:
     """Listener._on_readable: several clients waiting in the backlog are all taken in one
     callback, not one per loop iteration."""
-    from proxy.server import Listener
+    from proxy.runtime.server import Listener
 
     clients = [socket.create_connection(listening.getsockname()) for _ in range(5)]
 
@@ -215,7 +218,7 @@ def test_one_readiness_event_accepts_every_pending_connection(listening: socket.
 
 
 def test_tls_state_hashes_by_identity_in_c() -> None:
-    from proxy import relay
+    from proxy.runtime import relay
 
     assert relay.TlsState.__hash__ is object.__hash__
     assert {relay.OPEN: 1}[relay.TlsState("open")] == 1

@@ -11,8 +11,11 @@ import crlkit
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy import certs, loader, tls
-from proxy.config import ConfigError, TlsConfig
+from proxy.config.errors import ConfigError
+from proxy.config.schema import TlsConfig
+from proxy.tls import contexts as tls
+from proxy.tls import loader
+from proxy.tools import certs
 
 
 def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext,
@@ -237,7 +240,7 @@ def test_stdlib_server_cert_facts_match_cryptography(tmp_path: Path, cn: str) ->
 
 
 def test_server_cert_facts_errors(tmp_path: Path) -> None:
-    from proxy.config import ConfigError
+    from proxy.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):
         loader.server_tls(TlsConfig(ssl_cert_file=str(tmp_path / "none.crt")),
@@ -254,11 +257,12 @@ def test_plain_tls_config_loads_no_module_it_does_not_need(tmp_path: Path) -> No
     (tmp_path / "c.toml").write_text("[tls]\nssl_cert_file = 'server.crt'\n"
                                      "ssl_key_file = 'server.key'\n")
     # what `dwsproxy --config` loads before serving: the parser, the server, the config
-    code = ("import sys; from proxy import cli, loader, server; cli.build_parser(); "
+    code = ("import sys; from proxy import cli; from proxy.tls import loader; "
+            "from proxy.runtime import server; cli.build_parser(); "
             f"loader.load({str(tmp_path / 'c.toml')!r}); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'OpenSSL'})"
-            " + sorted(m for m in sys.modules if m in ('importlib.metadata', 'proxy.probe', "
-            "'proxy.certs', 'proxy.demo')))")
+            " + sorted(m for m in sys.modules if m in ('importlib.metadata', 'proxy.tools.probe', "
+            "'proxy.tools.certs', 'proxy.tools.demo')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], check=True)
     # cryptography + pyOpenSSL ~10 MB, importlib.metadata ~0.8 MB of RSS a process

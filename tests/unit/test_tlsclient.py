@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from bio_watch import WatchedBio
 
-from proxy import certs, relay, tlsclient
+from proxy.runtime import backend_tls as tlsclient
+from proxy.runtime import relay
+from proxy.tools import certs
 
 
 class Wire(asyncio.Transport):

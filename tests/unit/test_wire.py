@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import wire
+from proxy.protocol import wire
 
 
 def packet(code: int, body: bytes = b"") -> bytes:

@@ -47,7 +47,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from . import wire
+from ..protocol import wire
 
 # While negotiating, a client may legitimately have sent at most one start-up packet (10000
 # bytes); anything past this is buffered no further: reading pauses until the session decides.

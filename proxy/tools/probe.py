@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import wire
+from ..protocol import wire
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 VERSIONS = {"TLSv1": ssl.TLSVersion.TLSv1, "TLSv1.1": ssl.TLSVersion.TLSv1_1,

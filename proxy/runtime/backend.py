@@ -14,13 +14,13 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import wire
+from ..protocol import wire
+from .backend_tls import ClientTls
 from .relay import Endpoint
-from .tlsclient import ClientTls
 
 if TYPE_CHECKING:
-    from .config import BackendConfig
-    from .tls import BackendTls
+    from ..config.schema import BackendConfig
+    from ..tls.contexts import BackendTls
 
 # X509_V_ERR_* (openssl/x509_vfy.h) that get their own reason
 _CERT_HAS_EXPIRED = 10

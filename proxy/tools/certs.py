@@ -197,7 +197,7 @@ def encrypt_key(key_path: Path, stem: str, passphrase: bytes | None = None) -> t
     import secrets
     import string
 
-    from . import gausskey
+    from ..tls import gausskey
 
     if passphrase is None:
         alphabet = string.ascii_letters + string.digits

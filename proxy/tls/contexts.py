@@ -17,8 +17,9 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import BackendConfig, ConfigError, TlsConfig
-from .snapshot import Snapshot, as_path
+from ..config.errors import ConfigError
+from ..config.schema import BackendConfig, TlsConfig
+from ..config.snapshot import Snapshot, as_path
 from .verify import CrlFacts, Verifier, load_crls, name_to_str
 
 if TYPE_CHECKING:

@@ -18,13 +18,11 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .snapshot import Snapshot
-    from .tls import BackendTls, ServerTls
+from .errors import ConfigError
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
@@ -32,14 +30,6 @@ CLIENTNAMES = ("CN", "DN", "SAN")
 BACKEND_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 RULE_TYPES = ("host", "hostssl", "hostnossl")
 RULE_ACTIONS = ("allow", "reject")
-
-
-class ConfigError(Exception):
-    """A configuration problem; str() is one line that starts with the key path."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -173,12 +163,6 @@ class Config:
     tls: TlsConfig
     rules: tuple[Rule, ...]
     metrics: MetricsConfig
-    # Filled in by loader.py: None when ssl is off.
-    server_tls: ServerTls | None = field(default=None, compare=False)
-    # Filled in by loader.py: None when backend.sslmode is disable.
-    backend_tls: BackendTls | None = field(default=None, compare=False)
-    # The text and files this configuration was built from (loader.py).
-    snapshot: Snapshot | None = field(default=None, compare=False, repr=False)
 
     @property
     def cert_requested(self) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import wire
-from .policy import Allow, Reject
+from .decision import Allow, Reject
 
 
 class Phase(enum.Enum):

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import metrics
-from .snapshot import Snapshot
+from ..config.snapshot import Snapshot
+from ..ops import metrics
 
 log = logging.getLogger("dwsproxy.server")
 

@@ -31,8 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .tls import BackendTls, ServerTls
+    from ..tls.contexts import BackendTls, ServerTls
+    from ..tls.loader import Loaded
 
 log = logging.getLogger("dwsproxy.metrics")
 
@@ -193,10 +193,10 @@ def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
         _BYTES_B2C.inc(backend_to_client)
 
 
-def config_loaded(cfg: Config, *, reload: bool) -> None:
+def config_loaded(loaded: Loaded, *, reload: bool) -> None:
     """Point the certificate/CRL gauges at a newly loaded config; count a reload."""
-    TLS_FACTS.server_tls = cfg.server_tls
-    TLS_FACTS.backend_tls = cfg.backend_tls
+    TLS_FACTS.server_tls = loaded.server_tls
+    TLS_FACTS.backend_tls = loaded.backend_tls
     if reload:
         RELOADS.labels("success").inc()
     LAST_RELOAD_SUCCESS.set(time.time())

@@ -3,20 +3,46 @@
 Owns: what each process reports about itself (its configuration's digests, its sessions),
 gathering that from every worker through the main process (a worker that does not answer in
 time is shown as such and never blocks the page), and the small self-contained HTML status
-page. Must not change anything, and never shows a key, a passphrase or a password.
+page. Must not change anything, never shows a key, a passphrase or a password, and never
+imports the runtime: the server hands in a read-only view of its state (`StateView`) and of its
+workers (`WorkersView`), which its own classes satisfy.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .server import ServerState
-    from .workers import Workers
+    from ..tls.loader import Loaded
 
 WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
+
+
+class SessionView(Protocol):
+    def view(self) -> dict[str, Any]: ...
+
+
+class StateView(Protocol):
+    """What the views read of one process's state."""
+
+    @property
+    def loaded(self) -> Loaded: ...
+
+    @property
+    def sessions(self) -> Mapping[str, SessionView]: ...
+
+    @property
+    def last_reload(self) -> Mapping[str, object]: ...
+
+    @property
+    def loaded_at(self) -> str: ...
+
+
+class WorkersView(Protocol):
+    async def query(self, kind: str, timeout: float) -> list[dict[str, Any]]: ...
 
 
 def version() -> str:
@@ -29,13 +55,13 @@ def version() -> str:
         return "unknown"
 
 
-def process_status(state: ServerState, kind: str) -> dict[str, Any]:
+def process_status(state: StateView, kind: str) -> dict[str, Any]:
     """This process's part of a view: kind "status" or "sessions" (with the session list)."""
-    snap = state.config.snapshot
+    snap = state.loaded.snapshot
     out: dict[str, Any] = {
         "pid": os.getpid(),
-        "config_sha256": snap.file_sha256 if snap else "",
-        "snapshot_sha256": snap.sha256 if snap else "",
+        "config_sha256": snap.file_sha256,
+        "snapshot_sha256": snap.sha256,
         "sessions": len(state.sessions),
     }
     if kind == "sessions":
@@ -43,12 +69,13 @@ def process_status(state: ServerState, kind: str) -> dict[str, Any]:
     return out
 
 
-async def _all(state: ServerState, workers: Workers | None, kind: str) -> list[dict[str, Any]]:
+async def _all(state: StateView, workers: WorkersView | None,
+               kind: str) -> list[dict[str, Any]]:
     mine = [process_status(state, kind)]
     return mine + (await workers.query(kind, WORKER_TIMEOUT) if workers is not None else [])
 
 
-async def sessions_view(state: ServerState, workers: Workers | None) -> dict[str, Any]:
+async def sessions_view(state: StateView, workers: WorkersView | None) -> dict[str, Any]:
     parts = await _all(state, workers, "sessions")
     listed = [s for p in parts for s in p.get("session_list", [])]
     listed.sort(key=lambda s: (s["started"], s["id"]))
@@ -56,17 +83,17 @@ async def sessions_view(state: ServerState, workers: Workers | None) -> dict[str
     return {"sessions": listed, **({"unanswered_workers": missing} if missing else {})}
 
 
-async def status_view(state: ServerState, workers: Workers | None) -> dict[str, Any]:
-    cfg = state.config
-    snap = cfg.snapshot
+async def status_view(state: StateView, workers: WorkersView | None) -> dict[str, Any]:
+    loaded = state.loaded
+    cfg, snap = loaded.config, loaded.snapshot
     parts = await _all(state, workers, "status")
-    in_force = snap.sha256 if snap else ""
+    in_force = snap.sha256
     procs = [{"pid": p["pid"], "config_sha256": p.get("config_sha256"),
               "sessions": p.get("sessions"), **({"error": p["error"]} if "error" in p else {})}
              for p in parts]
     certificates: list[dict[str, Any]] = []
     crls: list[dict[str, Any]] = []
-    st, bt = cfg.server_tls, cfg.backend_tls
+    st, bt = loaded.server_tls, loaded.backend_tls
     if st is not None:
         certificates.append(_cert("server", st.server_cert))
         certificates += [_cert("ca", c) for c in st.ca_certs]
@@ -77,9 +104,9 @@ async def status_view(state: ServerState, workers: Workers | None) -> dict[str, 
             certificates.append(_cert("backend_client", bt.client_cert))
     return {
         "version": version(),
-        "config": {"path": cfg.path, "sha256": snap.file_sha256 if snap else "",
+        "config": {"path": cfg.path, "sha256": snap.file_sha256,
                    "snapshot_sha256": in_force, "loaded_at": state.loaded_at},
-        "reload": state.last_reload,
+        "reload": dict(state.last_reload),
         "workers": procs,
         "synchronized": all(p.get("snapshot_sha256") == in_force for p in parts),
         "policy": {"ssl": cfg.tls.ssl, "require_ssl": cfg.tls.require_ssl,
@@ -100,8 +127,8 @@ def _cert(role: str, facts: Any) -> dict[str, Any]:
     return {"role": role, "subject": facts.subject, "not_after": _time(facts.not_after)}
 
 
-async def handle(path: str, state: ServerState,
-                 workers: Workers | None) -> tuple[str, str, bytes] | None:
+async def handle(path: str, state: StateView,
+                 workers: WorkersView | None) -> tuple[str, str, bytes] | None:
     """(status, content type, body) of an admin view, or None when `path` is not one."""
     if path == "/sessions":
         doc = await sessions_view(state, workers)

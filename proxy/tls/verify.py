@@ -26,13 +26,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .config import ConfigError
+from ..config.errors import ConfigError
 
 if TYPE_CHECKING:
     from cryptography import x509
     from OpenSSL import crypto
 
-    from .snapshot import Snapshot
+    from ..config.snapshot import Snapshot
 
 log = logging.getLogger("dwsproxy.tls")
 

@@ -1,17 +1,37 @@
-"""From a config file to a complete `Config`: read a snapshot, parse it, build its TLS objects.
+"""From a config file to a configuration in force: read a snapshot, parse it, build its TLS
+objects, and hand them on together as one `Loaded`.
 
-Owns: the order of those steps and which files a configuration reads. The main process calls
-`load` (disk → snapshot → Config); a worker calls `build` on the snapshot the main process sent,
-so both run the same bytes. Must not do network I/O.
+Owns: the order of those steps, which files a configuration reads, and `Loaded`. The main
+process calls `load` (disk → snapshot → Loaded); a worker calls `build` on the snapshot the main
+process sent, so both run the same bytes. Must not do network I/O.
+
+Why a `Loaded` beside `Config`: the config layer is data only and never imports TLS; what a
+process runs with is the parsed `Config` together with the SSLContexts and verifier built from
+the same snapshot, complete or not at all, swapped as one reference on a reload.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from dataclasses import dataclass, field
 
-from . import config, snapshot, tls
-from .config import Config
+from ..config import schema as config
+from ..config import snapshot
+from ..config.schema import Config
+from ..config.snapshot import Snapshot
+from . import contexts as tls
+from .contexts import BackendTls, ServerTls
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A configuration ready to be put in force."""
+
+    config: Config
+    # The text and files it was built from: its digests are what /status and workers compare.
+    snapshot: Snapshot = field(repr=False)
+    server_tls: ServerTls | None = None  # None when ssl is off
+    backend_tls: BackendTls | None = None  # None when backend.sslmode is disable
 
 
 def read(path: str) -> snapshot.Snapshot:
@@ -70,18 +90,17 @@ def _read_tls_files(reader: snapshot.Reader, t: config.TlsConfig) -> None:
             reader.directory(t.ssl_crl_dir, "tls.ssl_crl_dir")
 
 
-def build(snap: snapshot.Snapshot) -> Config:
+def build(snap: snapshot.Snapshot) -> Loaded:
     """Parse a snapshot and build its TLS objects; ConfigError when anything is wrong."""
     cfg = config.parse(snap.text, snap.path)
     server_tls = (tls.build_server_tls(cfg.tls, snap, cert_requested=cfg.cert_requested)
                   if cfg.tls.ssl else None)
     backend_tls = (tls.build_backend_tls(cfg.backend, snap)
                    if cfg.backend.sslmode != "disable" else None)
-    return dataclasses.replace(cfg, server_tls=server_tls, backend_tls=backend_tls,
-                               snapshot=snap)
+    return Loaded(cfg, snap, server_tls, backend_tls)
 
 
-def load(path: str) -> Config:
+def load(path: str) -> Loaded:
     return build(read(path))
 
 

@@ -30,9 +30,10 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import backend as backend_mod
-from . import metrics, negotiation, policy, tls, wire
-from .negotiation import (
+from .. import policy
+from ..ops import metrics
+from ..protocol import negotiation, wire
+from ..protocol.negotiation import (
     AskPolicy,
     Close,
     Connect,
@@ -43,13 +44,16 @@ from .negotiation import (
     Reply,
     StartTls,
 )
+from ..tls import contexts as tls
+from . import backend as backend_mod
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
 ALPN_OFFER = tls.ALPN_POSTGRESQL.encode()
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .server import ServerState
+    from ..config.schema import Config
+    from ..tls.loader import Loaded
+    from .state import ServerState
 
 log = logging.getLogger("dwsproxy.session")
 T = TypeVar("T")
@@ -68,18 +72,20 @@ class Session:
     # Slots, not a per-instance dict: a session lives as long as its client, and idle
     # sessions are most of a busy proxy's memory.
     __slots__ = ("_addr", "_raw", "_terminate_deadline", "alpn", "backend", "backend_encrypted",
-                 "cert_error", "cfg", "cipher", "client", "client_cert", "detail", "direct",
+                 "cert_error", "cipher", "client", "client_cert", "detail", "direct",
                  "encrypted", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id", "idle_marker",
-                 "idle_since", "linked",
-                 "loop", "negotiation", "outcome", "peer_addr", "peer_chain", "peer_host", "sock",
+                 "idle_since", "linked", "loaded", "loop", "negotiation", "outcome", "peer_addr",
+                 "peer_chain", "peer_host", "sock",
                  "started", "started_at", "startup", "state", "terminating", "tls_version")
 
-    def __init__(self, sock: socket.socket, state: ServerState, addr: Any = None) -> None:
+    def __init__(self, sock: socket.socket, state: ServerState[Session],
+                 addr: Any = None) -> None:
         self.sock = sock
         self._addr = addr  # the peer address accept() returned
         self._raw = bytearray()  # read from the raw socket, not yet taken by the negotiation
         self.state = state
-        self.cfg: Config = state.config  # the config in force at accept, for the whole session
+        # the configuration in force at accept, until a reload catches up with this session
+        self.loaded: Loaded = state.loaded
         self.loop = asyncio.get_running_loop()
         self.started = time.monotonic()
         self.started_at = time.time()
@@ -111,6 +117,10 @@ class Session:
         self.flushed_b2c = 0
         self.idle_marker: tuple[int, int] = (0, 0)
         self.idle_since = time.monotonic()
+
+    @property
+    def cfg(self) -> Config:
+        return self.loaded.config
 
     # -- entry point ----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -318,7 +328,7 @@ class Session:
         return records, None
 
     async def _start_tls(self) -> negotiation.TlsEstablished | negotiation.TlsFailed:
-        server_tls = self.cfg.server_tls
+        server_tls = self.loaded.server_tls
         assert server_tls is not None
         records, hello = b"", None
         self.direct = self.negotiation.direct
@@ -377,10 +387,10 @@ class Session:
         configuration in force now, not the one at accept, its certificate checked again (a
         connection that finished its handshake just before a revoking reload must not slip
         in after it)."""
-        new = self.state.config
-        if new is self.cfg:
+        new = self.state.loaded
+        if new is self.loaded:
             return
-        self.cfg = new
+        self.loaded = new
         if self.peer_chain is not None and new.server_tls is not None \
                 and new.server_tls.verifier is not None:
             self.cert_error = self._check_certificate(new.server_tls)
@@ -443,7 +453,7 @@ class Session:
         self.outcome = "cancel_forwarded"
         cfg = self.cfg.backend
         try:
-            await backend_mod.send_cancel(cfg, self.cfg.backend_tls, raw)
+            await backend_mod.send_cancel(cfg, self.loaded.backend_tls, raw)
         except backend_mod.BackendError as exc:
             self.outcome = "cancel_failed"
             self.detail = f"backend {cfg.address}: {exc}"
@@ -456,7 +466,7 @@ class Session:
         backend = ToTlsEndpoint() if self.encrypted else Endpoint()
         try:
             connected = await within(cfg.connect_timeout,
-                                     backend_mod.connect(cfg, self.cfg.backend_tls, backend))
+                                     backend_mod.connect(cfg, self.loaded.backend_tls, backend))
         except (backend_mod.BackendError, TimeoutError) as exc:
             if backend.transport is not None:
                 backend.transport.abort()
@@ -477,7 +487,7 @@ class Session:
             self.outcome = "client_gone"
             self.backend.close()
             return
-        if self.state.config is not self.cfg:  # a reload while the backend was connecting
+        if self.state.loaded is not self.loaded:  # a reload while the backend was connecting
             self._catch_up()
             decision = self._decide()
             if isinstance(decision, policy.Reject):
@@ -508,7 +518,7 @@ class Session:
     def _channel_binding_differs(self, connected: backend_mod.Connected) -> bool:
         """SCRAM-SHA-256-PLUS binds to the certificate the client saw (tls-server-end-point):
         across the proxy it can only succeed when the proxy presents the database's own."""
-        server_tls = self.cfg.server_tls
+        server_tls = self.loaded.server_tls
         return (self.encrypted and connected.encrypted and server_tls is not None
                 and connected.peer_cert != server_tls.server_cert_der)
 
@@ -595,7 +605,7 @@ class Session:
         }
 
     # -- a reload reaching an open session ------------------------------------------------------
-    def recheck(self, new: Config) -> tuple[str, str] | None:
+    def recheck(self, new: Loaded) -> tuple[str, str] | None:
         """(reason, message) when the configuration `new` must end this open session: its
         certificate is revoked by the new CRLs, or the new rules refuse it. Other changes
         (require_ssl, clientcert levels) apply to new connections only, as in PostgreSQL."""
@@ -605,9 +615,10 @@ class Session:
             if verdict is not None and verdict[0] == "client_cert_revoked":
                 return verdict
         if self.facts is not None:
+            cfg = new.config
             facts = dataclasses.replace(self.facts,
-                                        peer=self._peer_ip() if new.rules else None)
-            decision = policy.decide_rules(new.tls.clientname, new.rules, facts)
+                                        peer=self._peer_ip() if cfg.rules else None)
+            decision = policy.decide_rules(cfg.tls.clientname, cfg.rules, facts)
             if isinstance(decision, policy.Reject):
                 return "rule", decision.message
         return None
