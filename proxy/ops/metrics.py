@@ -83,7 +83,12 @@ TERMINATED = Counter(
     "dwsproxy_sessions_terminated_total",
     "Open sessions closed by a reload (a CRL revoking their certificate, rules refusing them).",
     ["reason"])
-TERMINATE_REASONS = ("client_cert_revoked", "rule")
+TERMINATE_REASONS = ("client_cert_revoked", "client_cert_invalid", "rule")
+ENDED = Counter(
+    "dwsproxy_sessions_ended_total",
+    "Relayed sessions by who ended them and how, each once.", ["end"])
+SESSION_ENDS = ("client_closed", "client_reset", "backend_closed", "backend_reset",
+                "idle_timeout", "shutdown", "terminated")
 
 
 class _TlsFacts:
@@ -169,6 +174,13 @@ def rejected(reason: str) -> None:
 
 def cancel_request(result: str) -> None:
     _CANCEL_SERIES[result].inc()
+
+
+_ENDED_SERIES = {end: ENDED.labels(end) for end in SESSION_ENDS}
+
+
+def session_ended(end: str) -> None:
+    _ENDED_SERIES[end].inc()
 
 
 def terminated(reason: str) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -68,12 +69,15 @@ ASKED = 8  # the session asked (TlsTransport.pause_reading: Session.terminate)
 TURN = 16  # rule 7: the rest of a read waits for the next loop turn
 
 
+_END_ORDER = itertools.count()
+
+
 class Endpoint(asyncio.Protocol):
     """One side of a session (client or backend)."""
 
     # No per-instance dict: two or three of these live as long as each session.
-    __slots__ = ("_close_timer", "_paused", "_waiter", "buffer", "closed", "eof", "last", "peer",
-                 "received", "transport", "violation")
+    __slots__ = ("_close_timer", "_paused", "_waiter", "buffer", "closed", "ended", "eof", "last",
+                 "peer", "received", "transport", "violation")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -88,6 +92,13 @@ class Endpoint(asyncio.Protocol):
         self._close_timer: asyncio.TimerHandle | None = None
         # (reason, detail) when the relay closed this side for cause (a metrics reason)
         self.violation: tuple[str, str] | None = None
+        # (order, "closed" | "reset"): when and how this side's peer first ended the
+        # connection; the lower order of the two sides says who ended a session
+        self.ended: tuple[int, str] | None = None
+
+    def _mark_end(self, how: str) -> None:
+        if self.ended is None:
+            self.ended = (next(_END_ORDER), how)
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,6 +123,7 @@ class Endpoint(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.eof = True
+        self._mark_end("closed")
         self._wake()
         peer = self.peer
         if peer is None or peer.transport is None:
@@ -135,6 +147,7 @@ class Endpoint(asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         self.eof = True
+        self._mark_end("closed" if exc is None else "reset")
         self._wake()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -700,6 +713,7 @@ class TlsEndpoint(Endpoint):
     def _tls_closed(self) -> None:
         # close_notify: TLS has no half-close, so the session ends as on a FIN
         self.eof = True
+        self._mark_end("closed")
         self._wake()
         if self.peer is not None:
             self.peer.close()

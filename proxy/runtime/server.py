@@ -204,16 +204,21 @@ async def _watch_parent(stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _reload(state: ServerState[Session]) -> Loaded | None:
-    """SIGHUP in the main process: read and validate the file again; None when refused."""
+async def _reload(state: ServerState[Session]) -> Loaded | None:
+    """Read and validate the file again, off the event loop; None when refused. Any failure
+    is a refusal, counted and shown in /status: a ConfigError names its key, anything else
+    (EMFILE from memfd_create, MemoryError, a bug) is named as what it is."""
     old = state.config
     try:
-        loaded = loader.load(old.path)
-    except ConfigError as exc:
-        log.error("reload refused, the previous configuration stays in force: config error: %s",
-                  exc)
+        # Reading every named file (a large ssl_crl_dir), PBKDF2 for a key pair and building
+        # X509 stores take long enough to stall every session of this process on the loop.
+        loaded = await asyncio.to_thread(loader.load, old.path)
+    except Exception as exc:
+        why = (f"config error: {exc}" if isinstance(exc, ConfigError)
+               else f"{type(exc).__name__}: {exc}")
+        log.error("reload refused, the previous configuration stays in force: %s", why)
         metrics.reload_failed()
-        state.last_reload = {"result": "failure", "at": now_rfc3339(), "error": str(exc)}
+        state.last_reload = {"result": "failure", "at": now_rfc3339(), "error": why}
         return None
     state.last_reload = {"result": "success", "at": now_rfc3339(), "error": None}
     new = loaded.config
@@ -237,19 +242,60 @@ def _apply(state: ServerState[Session], new: Loaded) -> None:
             session.terminate(*verdict)
 
 
-def _worker_message(state: ServerState[Session], message: dict[str, Any]) -> dict[str, Any] | None:
+class Reloader:
+    """SIGHUP (and anything else that asks for a reload) in the main process: one reload at a
+    time, built off the loop; requests that arrive meanwhile (a SIGHUP storm, a watcher)
+    coalesce into one more reload after it, which then reads the newest files."""
+
+    def __init__(self, state: ServerState[Session],
+                 workers: Callable[[], Workers | None]) -> None:
+        self.state = state
+        self.workers = workers
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.again = False
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            sdnotify.notify("RELOADING=1")
+            try:
+                new = await _reload(self.state)
+            finally:
+                sdnotify.notify("READY=1")  # systemd must never be left in RELOADING
+            workers = self.workers()
+            if new is not None and workers is not None:
+                data = await asyncio.to_thread(workers_mod.config_message, new.snapshot)
+                workers.push_message(data)
+            if not self.again:
+                return
+            self.again = False
+
+
+async def _worker_message(state: ServerState[Session],
+                          message: dict[str, Any]) -> dict[str, Any] | None:
     """A configuration the main process validated, pushed after a good reload; or a query
-    for the admin views, answered with this process's part."""
+    for the admin views, answered with this process's part. A configuration this worker
+    cannot put in force (the same bytes the main process built, so only EMFILE, memory or a
+    bug) must not leave it serving the old policy for good: it exits, and the main process
+    restarts it with the configuration in force."""
     if message.get("type") == "query":
         return {"type": "reply", "id": message.get("id"),
                 "status": admin.process_status(state, str(message.get("kind")))}
     if message.get("type") != "config":
         return None
     try:
-        new = loader.build(workers_mod.snapshot_of(message))
-    except ConfigError as exc:  # the same bytes built in the main process
-        log.error("configuration from the main process refused: %s", exc)
-        return None
+        new = await asyncio.to_thread(loader.build, workers_mod.snapshot_of(message))
+    except Exception as exc:
+        log.critical("configuration from the main process cannot be put in force (%s: %s): "
+                     "exiting so that the main process restarts this worker with it",
+                     type(exc).__name__, exc)
+        os._exit(3)
     _apply(state, new)
     return None
 
@@ -329,17 +375,15 @@ async def serve(loaded: Loaded, *, worker: bool = False,
             background.append(loop.create_task(workers_mod.read_messages(
                 control, lambda message: _worker_message(state, message))))
 
+    reloader = Reloader(state, lambda: workers)
+
     def on_hup() -> None:
         # The main process validates once and pushes what it validated; a worker never reads
         # the file (a SIGHUP sent to it directly, e.g. by pkill, changes nothing).
         if worker:
             log.info("SIGHUP ignored by a worker: the main process reloads and informs it")
             return
-        sdnotify.notify("RELOADING=1")
-        new = _reload(state)
-        sdnotify.notify("READY=1")
-        if new is not None and workers is not None:
-            workers.push(new.snapshot)
+        reloader.request()
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

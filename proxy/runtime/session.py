@@ -73,10 +73,10 @@ class Session:
     # sessions are most of a busy proxy's memory.
     __slots__ = ("_addr", "_raw", "_terminate_deadline", "alpn", "backend", "backend_encrypted",
                  "cert_error", "cipher", "client", "client_cert", "detail", "direct",
-                 "encrypted", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id", "idle_marker",
-                 "idle_since", "linked", "loaded", "loop", "negotiation", "outcome", "peer_addr",
-                 "peer_chain", "peer_host", "sock",
-                 "started", "started_at", "startup", "state", "terminating", "tls_version")
+                 "encrypted", "end", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id",
+                 "idle_marker", "idle_since", "linked", "loaded", "loop", "negotiation",
+                 "outcome", "peer_addr", "peer_chain", "peer_host", "sock", "started",
+                 "started_at", "startup", "state", "terminating", "tls_version")
 
     def __init__(self, sock: socket.socket, state: ServerState[Session],
                  addr: Any = None) -> None:
@@ -110,6 +110,9 @@ class Session:
         self._terminate_deadline = 0.0
         self.outcome = "closed"
         self.detail = ""
+        # how a relayed session ended when the proxy ended it (idle_timeout, shutdown,
+        # terminated); else who ended it is read off the two sides at the end
+        self.end: str | None = None
         self.linked = False
         self.negotiation = Negotiation(ssl=self.cfg.tls.ssl, direct_ssl=self.cfg.tls.direct_ssl)
         self.evicted: str | None = None  # why the server dropped it (negotiation budget)
@@ -483,23 +486,19 @@ class Session:
         self.backend = backend
         self.backend_encrypted = connected.encrypted
         metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
-        if self.client.closed.done():
-            self.outcome = "client_gone"
-            self.backend.close()
-            return
-        if self.state.loaded is not self.loaded:  # a reload while the backend was connecting
-            self._catch_up()
-            decision = self._decide()
-            if isinstance(decision, policy.Reject):
-                self.backend.close()
-                self._refuse(decision.reason, decision.sqlstate, decision.message,
-                             hint=decision.hint)
-                return
-        first = self.startup.raw
         if self._channel_binding_differs(connected):
             if not await self._refuse_plus_across_certificates():
                 return
-            first = b""
+        else:
+            self._to_backend(self.startup.raw + bytes(self.client.buffer))
+            self.client.buffer.clear()
+        if not await self._backend_spoke():
+            return
+        # No await from here to link(): the session is judged by the configuration in force
+        # at the moment it is linked, whatever a reload changed during the awaits above (the
+        # backend connect, its first answer, the SCRAM-SHA-256-PLUS check).
+        if not self._still_allowed():
+            return
         encryption = "tls" if self.encrypted else "plain"
         metrics.accepted(encryption, self.tls_version, self.client_cert is not None,
                          connected.encrypted)
@@ -507,13 +506,70 @@ class Session:
         self.linked = True
         self.outcome = "ok"
         try:
-            link(self.client, self.backend, first)
+            link(self.client, self.backend, b"")
             self.state.live.add(self)
             await self.client.closed
             await self.backend.closed
         finally:
             self.state.live.discard(self)
             metrics.active(encryption, -1)
+
+    def _to_backend(self, data: bytes) -> None:
+        """Client bytes written to the backend before link(), counted as relayed."""
+        assert self.client is not None and self.backend is not None
+        assert self.backend.transport is not None
+        self.client.received += len(data)
+        self.backend.transport.write(data)
+
+    def _to_client(self, data: bytes) -> None:
+        """Backend bytes written to the client before link(), counted as relayed."""
+        assert self.client is not None and self.backend is not None
+        assert self.client.transport is not None
+        self.backend.received += len(data)
+        self.client.transport.write(data)
+
+    async def _backend_spoke(self) -> bool:
+        """Wait for the backend's first answer to the StartupMessage. Until a byte of it is
+        relayed, a backend that closes (a restart, `pg_ctl stop -m fast`) or never answers is
+        the proxy's to report: FATAL 08006 naming the backend, never a bare EOF the client
+        must guess at (libpq: "SSL SYSCALL error: EOF detected")."""
+        backend = self.backend
+        assert backend is not None
+        if backend.received or backend.buffer:
+            return True
+        wait = self.cfg.listen.startup_timeout
+        try:
+            if await within(wait, backend.wait_for_bytes(1)):
+                return True
+            why = "closed the connection before answering the start-up"
+        except TimeoutError:
+            why = f"did not answer the start-up within {wait:g}s"
+        backend.close(abort=True)
+        self._refuse("backend_unavailable", wire.CONNECTION_FAILURE,
+                     f"the database server at {self.cfg.backend.address} {why}",
+                     hint="the database may be restarting or shutting down; try again, and "
+                          "check the database server's log")
+        return False
+
+    def _still_allowed(self) -> bool:
+        """Right before link(): the client is still there and the configuration in force now
+        (a reload may have landed during any await since the policy's decision) still
+        allows this session, its certificate checked against the new CRLs and CAs."""
+        assert self.client is not None and self.backend is not None
+        if self.client.closed.done():
+            self.outcome = "client_gone"
+            self.backend.close()
+            return False
+        if self.state.loaded is self.loaded:
+            return True
+        self._catch_up()
+        decision = self._decide()
+        if isinstance(decision, policy.Reject):
+            self.backend.close()
+            self._refuse(decision.reason, decision.sqlstate, decision.message,
+                         hint=decision.hint)
+            return False
+        return True
 
     def _channel_binding_differs(self, connected: backend_mod.Connected) -> bool:
         """SCRAM-SHA-256-PLUS binds to the certificate the client saw (tls-server-end-point):
@@ -530,7 +586,7 @@ class Session:
         assert self.client is not None and self.backend is not None and self.startup
         client, backend = self.client, self.backend
         assert client.transport is not None and backend.transport is not None
-        backend.transport.write(self.startup.raw + bytes(client.buffer))
+        self._to_backend(self.startup.raw + bytes(client.buffer))
         client.buffer.clear()
         try:
             async with asyncio.timeout(self.cfg.listen.startup_timeout):
@@ -538,7 +594,7 @@ class Session:
                 if message is None:
                     return True  # link() passes on whatever came, then the close
                 kind, body = message
-                client.transport.write(_message(kind, body))
+                self._to_client(_message(kind, body))
                 if not (kind == b"R" and body[:4] == _AUTH_SASL
                         and _SCRAM_PLUS in body[4:].split(b"\0")):
                     return True
@@ -559,7 +615,7 @@ class Session:
                               "database's own certificate and key (tls.ssl_cert_file, "
                               "tls.ssl_key_file)")
             return False
-        backend.transport.write(_message(kind, body))
+        self._to_backend(_message(kind, body))
         return True
 
     def flush_bytes(self) -> None:
@@ -569,7 +625,10 @@ class Session:
         self.flushed_c2b, self.flushed_b2c = c2b, b2c
 
     def close(self, outcome: str) -> None:
+        """The proxy ends the session: `outcome` is idle_timeout or shutdown."""
         self.outcome = outcome
+        if self.end is None:
+            self.end = outcome
         for side in (self.client, self.backend):
             if side is not None:
                 side.close()
@@ -607,12 +666,13 @@ class Session:
     # -- a reload reaching an open session ------------------------------------------------------
     def recheck(self, new: Loaded) -> tuple[str, str] | None:
         """(reason, message) when the configuration `new` must end this open session: its
-        certificate is revoked by the new CRLs, or the new rules refuse it. Other changes
-        (require_ssl, clientcert levels) apply to new connections only, as in PostgreSQL."""
+        certificate is revoked by the new CRLs or its chain no longer trusted by the new CA
+        file, or the new rules refuse it. Other changes (require_ssl, clientcert levels, a
+        certificate or CRL expiring) apply to new connections only, as in PostgreSQL."""
         server_tls = new.server_tls
         if self.peer_chain is not None and server_tls is not None and server_tls.verifier:
-            verdict = server_tls.verifier.check(*self.peer_chain)
-            if verdict is not None and verdict[0] == "client_cert_revoked":
+            verdict = server_tls.verifier.still_trusts(*self.peer_chain)
+            if verdict is not None:
                 return verdict
         if self.facts is not None:
             cfg = new.config
@@ -640,6 +700,7 @@ class Session:
             hint="reconnect with a certificate and settings the new configuration allows")
         self.detail = text
         self.outcome = f"terminated_{reason}"
+        self.end = "terminated"
         # As a reason of the relay's own (ASKED), so that flow control resuming the client
         # (the backend drained) does not read it again; a plain transport's pause_reading
         # alone would be undone by that.
@@ -706,6 +767,21 @@ class Session:
         self.outcome = reason
         self.detail = detail
 
+    def _ended_by(self) -> str:
+        """How a relayed session ended (dwsproxy_sessions_ended_total{end}): ended by the
+        proxy (idle_timeout, shutdown, terminated: a reload, an admin, a flood), else by the
+        side whose connection ended first, cleanly (FIN, close_notify) or by a reset."""
+        if self.end is not None:
+            return self.end
+        if self.client is not None and self.client.violation is not None:
+            return "terminated"
+        client, backend = _side_end(self.client), _side_end(self.backend)
+        if backend is not None and (client is None or backend[0] < client[0]):
+            return f"backend_{backend[1]}"
+        if client is not None:
+            return f"client_{client[1]}"
+        return "client_closed"  # pragma: no cover - a side always ended before _finish
+
     def _finish(self) -> None:
         if self.client is not None:
             self.client.close()  # graceful: an ErrorResponse still queued is flushed first
@@ -719,6 +795,9 @@ class Session:
             self._reject(*self.client.violation)  # closed for cause while relaying
         self.flush_bytes()
         self.state.session_ended(self)
+        end = self._ended_by() if self.linked else ""
+        if end:
+            metrics.session_ended(end)
         fields: dict[str, Any] = {
             "peer": self.peer_addr,
             "worker_pid": _PID,
@@ -732,6 +811,7 @@ class Session:
             "database": self.startup.database if self.startup else "",
             "application_name": self.startup.application_name if self.startup else "",
             "outcome": self.outcome,
+            "end": end,
             "detail": self.detail,
             "bytes_in": self.flushed_c2b,
             "bytes_out": self.flushed_b2c,
@@ -739,6 +819,10 @@ class Session:
         }
         level = logging.DEBUG if self.outcome == "empty" else logging.INFO
         log.log(level, "connection closed", extra={"fields": fields})
+
+
+def _side_end(side: Endpoint | None) -> tuple[int, str] | None:
+    return side.ended if side is not None else None
 
 
 async def within(delay: float, awaitable: Coroutine[Any, Any, T]) -> T:

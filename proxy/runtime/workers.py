@@ -21,7 +21,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config.snapshot import Snapshot
@@ -70,12 +70,14 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
-async def read_messages(sock: socket.socket,
-                        on_message: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
+async def read_messages(
+        sock: socket.socket,
+        on_message: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]) -> None:
     """Messages from the main process until it closes the channel (it exited: the parent
-    watch shuts this worker down). A message that does not parse means this worker can no
-    longer know which configuration is in force: it exits at once (status 3), so that the
-    main process restarts it with the current one, rather than serve on an old policy."""
+    watch shuts this worker down). A message that does not parse, or any other failure of
+    this channel, means this worker can no longer know which configuration is in force: it
+    exits at once (status 3), so that the main process restarts it with the current one,
+    rather than serve on an old policy while /healthz says 200."""
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     try:
         while True:
@@ -83,14 +85,14 @@ async def read_messages(sock: socket.socket,
             (size,) = struct.unpack("!I", head)
             if size > MAX_MESSAGE:
                 raise ValueError(f"control message of {size} bytes")
-            reply = on_message(json.loads(await reader.readexactly(size)))
+            reply = await on_message(json.loads(await reader.readexactly(size)))
             if reply is not None:  # an answer to the main process's query (admin views)
                 writer.write(encode(reply))
     except (asyncio.IncompleteReadError, ConnectionError):
         return
-    except (ValueError, KeyError, TypeError) as exc:
-        log.critical("control channel from the main process is corrupt (%s): exiting so "
-                     "that the main process restarts this worker", exc)
+    except Exception as exc:
+        log.critical("control channel from the main process failed (%s: %s): exiting so "
+                     "that the main process restarts this worker", type(exc).__name__, exc)
         os._exit(3)
     finally:
         writer.close()
@@ -238,9 +240,9 @@ class Workers:
                             f"{timeout:g}s"})
         return out
 
-    def push(self, snap: Snapshot) -> None:
-        """A reload the main process validated: every worker applies the same snapshot."""
-        data = config_message(snap)
+    def push_message(self, data: bytes) -> None:
+        """A reload the main process validated (its `config_message`, serialised off the
+        loop): every worker applies the same snapshot."""
         for slot in self.procs:
             self._send(slot, data)
 

@@ -48,6 +48,15 @@ _CRL_HAS_EXPIRED = 12
 _CERT_REVOKED = 23
 _UNHANDLED_CRITICAL_CRL_EXTENSION = 36
 _DIFFERENT_CRL_SCOPE = 44
+# The chain no longer leads to a trusted CA (x509_vfy.h): its CA left ssl_ca_file.
+_DISTRUSTED = frozenset({
+    2,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
+    18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    27,  # X509_V_ERR_CERT_UNTRUSTED
+})
 
 _PEM_CRL_END = b"-----END X509 CRL-----"
 
@@ -210,6 +219,30 @@ class Verifier:
             crypto.X509StoreContext(self.store, leaf, chain).verify_certificate()
         except crypto.X509StoreContextError as exc:
             return self._explain(exc)
+        return None
+
+    def still_trusts(self, leaf_der: bytes,
+                     chain_ders: Iterable[bytes]) -> tuple[str, str] | None:
+        """For an open session after a reload: (reason, message) when this configuration
+        revokes its certificate or no longer trusts its chain (its CA was removed), which end
+        the session; None otherwise. Time alone (the certificate or a CRL expiring since the
+        handshake) does not end a session, as PostgreSQL checks a certificate only at
+        connection: new connections are refused for it, open ones are not cut."""
+        from OpenSSL import crypto
+
+        leaf = crypto.load_certificate(crypto.FILETYPE_ASN1, leaf_der)
+        chain = [crypto.load_certificate(crypto.FILETYPE_ASN1, der) for der in chain_ders]
+        try:
+            crypto.X509StoreContext(self.store, leaf, chain).verify_certificate()
+        except crypto.X509StoreContextError as exc:
+            code = exc.errors[0] if len(exc.errors) == 3 else 0
+            if code == _CERT_REVOKED:
+                return self._explain(exc)
+            if code in _DISTRUSTED:
+                subject, issuer, _serial = _describe(exc.certificate)
+                return ("client_cert_invalid",
+                        f"client certificate no longer trusted: the configuration in force "
+                        f"has no CA for \"{subject}\" (issuer \"{issuer}\")")
         return None
 
     def _explain(self, exc: crypto.X509StoreContextError) -> tuple[str, str]:

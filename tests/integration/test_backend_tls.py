@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -274,3 +275,50 @@ def test_large_transfers_both_ways_over_both_hops(start_proxy: Callable[..., Pro
                 out += chunk
         assert bytes(out) == "".join(r + "\n" for r in sorted(rows)).encode()
         assert conn.execute("SELECT 42").fetchone() == (42,)
+
+
+def test_a_revoking_reload_reaches_a_session_in_the_scram_plus_check(
+        start_proxy: Callable[..., Proxy], pg_tls: TempPostgres, bpki: Pki,
+        tmp_path: Path) -> None:
+    """The window between the policy's Allow and link(): a client holds the proxy in its
+    SCRAM-SHA-256-PLUS check (TLS both hops, the proxy's certificate not the database's) while
+    a reload revokes its certificate. It must be judged by the configuration in force when it
+    is linked: refused, never relayed on."""
+    import ssl
+    import struct
+
+    from conftest import error_fields, raw_connect, read_message
+
+    from proxy.protocol import wire
+
+    ca = bpki.ca
+    cert, key = certs.issue(ca, "scram_user")
+    certs.write_certs(tmp_path / "c.crt", cert)
+    certs.write_key(tmp_path / "c.key", key)
+    crl = tmp_path / "crl.pem"
+    certs.write_crl(crl, certs.make_crl(ca, []))
+    proxy = start_proxy(tls={**front_tls(bpki), "ssl_ca_file": str(bpki.dir / "ca.pem"),
+                             "ssl_crl_file": str(crl), "clientcert": "verify-ca"},
+                        backend=backend_cfg(pg_tls, bpki))
+    ctx = ssl.create_default_context(cafile=str(bpki.dir / "ca.pem"))
+    ctx.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    sock = raw_connect(proxy.port)
+    sock.sendall(wire.build_request(wire.SSL_REQUEST_CODE))
+    assert sock.recv(1) == b"S"
+    with ctx.wrap_socket(sock, server_hostname="localhost") as conn:
+        conn.sendall(wire.build_startup_message({"user": "scram_user",
+                                                 "database": "postgres"}))
+        kind, body = read_message(conn)
+        assert kind == b"R" and body[:4] == struct.pack("!i", 10), (kind, body)
+        assert b"SCRAM-SHA-256-PLUS" in body  # the proxy now waits in its -PLUS check
+        certs.write_crl(crl, certs.make_crl(ca, [cert.serial_number]))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_metric("dwsproxy_config_reloads_total", 1, result="success")
+        first = b"n,,n=,r=0123456789abcdefghijklmn"
+        mechanism = b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first
+        conn.sendall(b"p" + struct.pack("!i", len(mechanism) + 4) + mechanism)
+        fields = error_fields(*read_message(conn))
+    assert fields["C"] == "28000" and "certificate revoked" in fields["M"], fields
+    assert proxy.metric("dwsproxy_connections_total", encryption="tls", tls_version="TLSv1.3",
+                        client_cert="verified", backend_encryption="tls") == 0
+    proxy.wait_log("outcome=client_cert_revoked")
