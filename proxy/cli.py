@@ -137,11 +137,11 @@ def _run(coro_factory: Any) -> int:
         return int(runner.run(coro_factory()))
 
 
-def _load_or_exit(path: str) -> Loaded:
+def _load_or_exit(path: str, *, warn: bool = True) -> Loaded:
     from .tls import loader
 
     try:
-        return loader.load(path)
+        return loader.load(path, warn=warn)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -272,7 +272,20 @@ def _status_report(doc: dict[str, Any]) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.file).config
+    """Exit 2 for a config error, an expired server certificate or CRL; warnings (a
+    certificate or CRL near its end) are printed with exit 0."""
+    import time
+
+    from .tls import loader
+
+    loaded = _load_or_exit(args.file, warn=False)
+    cfg = loaded.config
+    found = loader.expiry_findings(loaded, time.time())
+    for f in found:
+        label = "config error" if f.level == "error" else "warning"
+        print(f"{label}: {f.key}: {f.message}", file=sys.stderr)
+    if any(f.level == "error" for f in found):
+        return 2
     print(f"config ok: {cfg.path}")
     return 0
 
@@ -291,21 +304,29 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     certs = sub.add_parser("certs", help="make a CA, server/client certificates and a CRL")
     csub = certs.add_subparsers(dest="certs_command", required=True)
+    force = "replace existing files (refused without it)"
     p_init = csub.add_parser("init", help="CA, server and client certs, empty CRL in DIR")
     p_init.add_argument("dir")
     p_init.add_argument("--server-cn", default="localhost")
     p_init.add_argument("--client-cn", default="postgres")
     p_init.add_argument("--days", type=int, default=825)
+    p_init.add_argument("--force", action="store_true", help=force + ": a new CA")
     p_client = csub.add_parser("client", help="another client certificate from DIR's CA")
     p_client.add_argument("dir")
     p_client.add_argument("--cn", required=True)
     p_client.add_argument("--days", type=int, default=825)
+    p_client.add_argument("--force", action="store_true", help=force)
     p_enc = csub.add_parser("encrypt-key", help="encrypt KEY in place, its passphrase in an "
                             "openGauss <stem>.key.cipher + <stem>.key.rand pair beside it")
     p_enc.add_argument("key")
     p_enc.add_argument("--stem", default="client", choices=["client", "server"],
                        help="server: as openGauss finds it beside ssl_key_file; client: as "
                             "gsql finds it beside sslcert (default)")
+    p_enc.add_argument("--force", action="store_true", help="replace an existing pair")
+    p_show = csub.add_parser("show-passphrase", help="print the passphrase a .cipher/.rand "
+                             "pair holds, to a terminal only (for psql's sslpassword)")
+    p_show.add_argument("pair", help="the .cipher or .rand file, or their common prefix "
+                        "(sslcert/client.key)")
     p_bundle = csub.add_parser("bundle", help="a client bundle as the DWS console hands it out: "
                                "sslcert/client.crt, client.key, cacert.pem, client.key.pk8")
     p_bundle.add_argument("dir", help="the CA's directory (cacert.pem, cakey.pem)")
@@ -314,10 +335,20 @@ def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p_bundle.add_argument("--days", type=int, default=825)
     p_bundle.add_argument("--encrypt", action="store_true", help="encrypt the key, its "
                           "passphrase in a client.key.cipher + client.key.rand pair")
-    p_revoke = csub.add_parser("revoke", help="add CERT to DIR/crl.pem and re-sign it")
+    p_bundle.add_argument("--force", action="store_true", help="replace an existing --out")
+    p_revoke = csub.add_parser("revoke", help="add a certificate to DIR/crl.pem and re-sign it")
     p_revoke.add_argument("dir")
-    p_revoke.add_argument("cert")
-
+    p_revoke.add_argument("cert", nargs="?", help="the certificate file (PEM or DER)")
+    p_revoke.add_argument("--serial", help="or its serial number in hex (certs list)")
+    p_revoke.add_argument("--force", action="store_true", help="also the CA's or the proxy's "
+                          "server certificate")
+    p_crl = csub.add_parser("crl", help="re-sign DIR/crl.pem with a new nextUpdate, every "
+                            "revoked serial kept")
+    p_crl.add_argument("dir")
+    p_crl.add_argument("--days", type=int, default=None, help="valid for N days (default: "
+                       "until the CA certificate expires)")
+    p_list = csub.add_parser("list", help="what DIR's CA issued, revoked, and its CRL's end")
+    p_list.add_argument("dir")
 
 
 class _VersionAction(argparse.Action):

@@ -19,6 +19,7 @@ from .protocol.decision import Decision as Decision
 from .protocol.decision import Reject as Reject
 from .protocol.wire import INVALID_AUTHORIZATION, PROTOCOL_VIOLATION
 from .tls.contexts import ALPN_POSTGRESQL, CertFacts
+from .tls.verify import CertVerdict
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class Facts:
     direct_tls: bool = False
     alpn: str | None = None
     client_cert: CertFacts | None = None
-    # (reason, message) when a presented certificate failed the CRL check after the handshake
-    client_cert_error: tuple[str, str] | None = None
+    # why a presented certificate failed the CRL check after the handshake
+    client_cert_error: CertVerdict | None = None
     user: str = ""
     database: str = ""
     application_name: str = ""
@@ -58,9 +59,10 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
                       hint=_SSL_HINT)
     if facts.client_cert_error is not None:
         # A certificate that was presented must be good, whatever clientcert says.
-        reason, message = facts.client_cert_error
-        return Reject(reason, INVALID_AUTHORIZATION, message,
-                      hint="use a valid, unrevoked client certificate (PGSSLCERT, PGSSLKEY)")
+        error = facts.client_cert_error
+        return Reject(error.reason, INVALID_AUTHORIZATION, error.message,
+                      hint=error.hint
+                      or "use a valid, unrevoked client certificate (PGSSLCERT, PGSSLKEY)")
     problem = _check_clientcert(tls.clientcert, tls.clientname, facts, "the server")
     if problem is not None:
         return problem

@@ -45,6 +45,7 @@ from ..protocol.negotiation import (
     StartTls,
 )
 from ..tls import contexts as tls
+from ..tls.verify import CertVerdict
 from . import backend as backend_mod
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
@@ -103,7 +104,7 @@ class Session:
         self.client_cert: tls.CertFacts | None = None
         # the presented chain (DER), kept to check it again when a reload brings new CRLs
         self.peer_chain: tuple[bytes, tuple[bytes, ...]] | None = None
-        self.cert_error: tuple[str, str] | None = None
+        self.cert_error: CertVerdict | None = None
         self.facts: policy.Facts | None = None  # what the policy allowed, for reload rechecks
         self.backend_encrypted = False
         self.terminating: bytes | None = None  # the FATAL a reload ends this session with
@@ -369,7 +370,7 @@ class Session:
             self.cert_error = self._check_certificate(server_tls)
         return _TLS_ESTABLISHED
 
-    def _check_certificate(self, server_tls: tls.ServerTls) -> tuple[str, str] | None:
+    def _check_certificate(self, server_tls: tls.ServerTls) -> CertVerdict | None:
         """Facts of the presented certificate and OpenSSL's verdict on it with the CRLs of
         `server_tls`; (reason, message) when it must be refused."""
         assert self.peer_chain is not None
@@ -379,10 +380,11 @@ class Session:
         except ValueError as exc:
             # OpenSSL accepted it, `cryptography` cannot read it (e.g. a non-ASCII dNSName):
             # without its names no policy can be applied to it.
-            return ("client_cert_invalid",
-                    f"client certificate refused: it cannot be parsed ({exc})")
+            return CertVerdict("client_cert_invalid",
+                                      f"client certificate refused: it cannot be parsed ({exc})")
         if server_tls.verifier is None:  # pragma: no cover - certificates need a CA file
-            return ("client_cert_invalid", "client certificate refused: no CA configured")
+            return CertVerdict("client_cert_invalid",
+                                      "client certificate refused: no CA configured")
         return server_tls.verifier.check(leaf, chain)
 
     def _catch_up(self) -> None:

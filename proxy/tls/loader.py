@@ -13,6 +13,7 @@ the same snapshot, complete or not at all, swapped as one reference on a reload.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 from ..config import schema as config
@@ -20,6 +21,7 @@ from ..config import snapshot
 from ..config.schema import Config
 from ..config.snapshot import Snapshot
 from . import contexts as tls
+from . import expiry
 from .contexts import BackendTls, ServerTls
 
 
@@ -100,8 +102,18 @@ def build(snap: snapshot.Snapshot) -> Loaded:
     return Loaded(cfg, snap, server_tls, backend_tls)
 
 
-def load(path: str) -> Loaded:
-    return build(read(path))
+def load(path: str, *, warn: bool = True) -> Loaded:
+    """The main process's load, at start-up and on reload: with `warn`, expired and expiring
+    certificates and CRLs are logged (expiry.py), never refused."""
+    loaded = build(read(path))
+    if warn:
+        expiry.log_findings(expiry_findings(loaded, time.time()))
+    return loaded
+
+
+def expiry_findings(loaded: Loaded, now: float) -> list[expiry.Finding]:
+    """What in `loaded` has expired or is near its end (expiry.py), as of `now`."""
+    return expiry.findings(loaded.server_tls, loaded.backend_tls, loaded.config.tls, now)
 
 
 def server_tls(t: config.TlsConfig, *, cert_requested: bool) -> tls.ServerTls:

@@ -24,7 +24,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..config.errors import ConfigError
 
@@ -59,6 +59,16 @@ _DISTRUSTED = frozenset({
 })
 
 _PEM_CRL_END = b"-----END X509 CRL-----"
+
+
+class CertVerdict(NamedTuple):
+    """Why a presented certificate is refused. `hint` is set when the fault is the proxy's
+    own (its CRL expired, none usable): the client cannot fix that, the operator must; ""
+    leaves the policy's hint, which tells the client to fix its certificate."""
+
+    reason: str
+    message: str
+    hint: str = ""
 
 
 @dataclass(frozen=True)
@@ -209,8 +219,8 @@ class Verifier:
         self.crl_facts = tuple(CrlFacts(issuer, end.timestamp())
                                for issuer, end in sorted(self.next_update.items()))
 
-    def check(self, leaf_der: bytes, chain_ders: Iterable[bytes]) -> tuple[str, str] | None:
-        """(reason, message) when OpenSSL refuses the chain now, else None."""
+    def check(self, leaf_der: bytes, chain_ders: Iterable[bytes]) -> CertVerdict | None:
+        """The refusal when OpenSSL refuses the chain now, else None."""
         from OpenSSL import crypto
 
         leaf = crypto.load_certificate(crypto.FILETYPE_ASN1, leaf_der)
@@ -237,7 +247,8 @@ class Verifier:
         except crypto.X509StoreContextError as exc:
             code = exc.errors[0] if len(exc.errors) == 3 else 0
             if code == _CERT_REVOKED:
-                return self._explain(exc)
+                verdict = self._explain(exc)
+                return verdict.reason, verdict.message
             if code in _DISTRUSTED:
                 subject, issuer, _serial = _describe(exc.certificate)
                 return ("client_cert_invalid",
@@ -245,25 +256,32 @@ class Verifier:
                         f"has no CA for \"{subject}\" (issuer \"{issuer}\")")
         return None
 
-    def _explain(self, exc: crypto.X509StoreContextError) -> tuple[str, str]:
+    def _explain(self, exc: crypto.X509StoreContextError) -> CertVerdict:
         code, _depth, text = exc.errors if len(exc.errors) == 3 else (0, 0, str(exc))
         subject, issuer, serial = _describe(exc.certificate)
         of = f"\"{issuer}\" (of \"{subject}\")"
         if code == _CERT_REVOKED:
-            return ("client_cert_revoked",
-                    f"client certificate revoked: \"{subject}\" serial {serial} is in the CRL "
-                    f"of \"{issuer}\"")
+            return CertVerdict("client_cert_revoked",
+                               f"client certificate revoked: \"{subject}\" serial {serial} is "
+                               f"in the CRL of \"{issuer}\"")
+        # From here on a CRL problem is the proxy's, not the client's: the hint says so, so
+        # that nobody reissues a good client certificate for a CRL the operator let lapse.
         if code in (_UNABLE_TO_GET_CRL, _DIFFERENT_CRL_SCOPE):
             why = self.left_out.get(issuer, "")
             scope = " covering it" if code == _DIFFERENT_CRL_SCOPE else ""
-            return ("client_cert_invalid",
-                    f"client certificate refused: no usable CRL{scope} of issuer {of}"
-                    + (f": {why}" if why else "") + "; CRL checking fails closed")
+            return CertVerdict("client_cert_invalid",
+                               f"client certificate refused: no usable CRL{scope} of issuer "
+                               f"{of}" + (f": {why}" if why else "")
+                               + "; CRL checking fails closed",
+                               f"the proxy has no usable CRL for \"{issuer}\"; the operator "
+                               "must install one")
         if code == _CRL_HAS_EXPIRED:
             end = self.next_update.get(issuer)
-            when = f" at {end.isoformat()}" if end is not None else ""
-            return ("client_cert_invalid",
-                    f"client certificate refused: the CRL of {of} expired{when}")
+            when = f" at {_stamp(end)}" if end is not None else ""
+            return CertVerdict("client_cert_invalid",
+                               f"client certificate refused: the CRL of {of} expired{when}",
+                               f"the proxy's CRL for \"{issuer}\" expired{when}; the operator "
+                               "must renew it")
         problems = {
             _CRL_NOT_YET_VALID: "is not yet valid (its thisUpdate is in the future)",
             _CRL_SIGNATURE_FAILURE: "has a bad signature",
@@ -271,9 +289,16 @@ class Verifier:
                                                "handle",
         }
         if code in problems:
-            return ("client_cert_invalid",
-                    f"client certificate refused: the CRL of {of} {problems[code]}")
-        return ("client_cert_invalid", f"client certificate invalid: {text} (\"{subject}\")")
+            return CertVerdict("client_cert_invalid",
+                               f"client certificate refused: the CRL of {of} {problems[code]}",
+                               f"the proxy's CRL for \"{issuer}\" {problems[code]}; the "
+                               "operator must replace it")
+        return CertVerdict("client_cert_invalid",
+                           f"client certificate invalid: {text} (\"{subject}\")")
+
+
+def _stamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _describe(cert: crypto.X509 | None) -> tuple[str, str, str]:

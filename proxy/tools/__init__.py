@@ -1,5 +1,6 @@
-"""Commands beside the proxy: a small certificate authority (certs), the compliance probe
-(probe) and the demo (demo).
+"""Commands beside the proxy: a small certificate authority (certs, its issuance record and
+atomic writes in carecord, encrypted keys in keyfiles), the compliance probe (probe) and the
+demo (demo).
 
 Owns: those commands' logic. Must not be imported by the serving path (runtime, ops): the
 proxy runs without them.

@@ -65,6 +65,7 @@ ALERT_METRICS = {
 }
 ALERT_NAMES = {
     "DwsproxyCertificateExpiringSoon",
+    "DwsproxyCrlExpiringSoon",
     "DwsproxyCrlExpired",
     "DwsproxyConfigReloadFailed",
     "DwsproxyHighRejectionRate",
@@ -504,7 +505,7 @@ def test_metric_names_helper() -> None:
     assert metric_names(expr) == {"a_total", "b"}
 
 
-def test_alerts_are_the_five_expected(alerts: dict[str, dict[str, Any]]) -> None:
+def test_alerts_are_the_six_expected(alerts: dict[str, dict[str, Any]]) -> None:
     assert set(alerts) == ALERT_NAMES
 
 
@@ -526,6 +527,8 @@ def test_alert_thresholds(alerts: dict[str, dict[str, Any]]) -> None:
     assert ("dwsproxy_certificate_expiry_timestamp_seconds - time() < 14 * 86400"
             in expr["DwsproxyCertificateExpiringSoon"])
     assert "dwsproxy_crl_next_update_timestamp_seconds < time()" in expr["DwsproxyCrlExpired"]
+    assert ("dwsproxy_crl_next_update_timestamp_seconds - time() < 3 * 86400"
+            in expr["DwsproxyCrlExpiringSoon"])
     assert ('increase(dwsproxy_config_reloads_total{result="failure"}[15m]) > 0'
             in expr["DwsproxyConfigReloadFailed"])
     assert 'up{job="dwsproxy"} == 0' in expr["DwsproxyDown"]
@@ -545,3 +548,58 @@ def test_alerts_pass_promtool() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A CRL whose nextUpdate is 4 days after the start of the test's clock (promtool's time() is
+# the evaluation time, from 0), scraped every minute: DwsproxyCrlExpiringSoon must fire with
+# 3 days left, and DwsproxyCrlExpired only once it has lapsed.
+CRL_LABELS = {"instance": "p:9187", "job": "dwsproxy", "issuer": "CN=ca"}
+
+
+def _render(text: str, value: str) -> str:
+    """The three template expressions these two alerts use, as Prometheus renders them."""
+    return (text.replace("{{ $labels.instance }}", CRL_LABELS["instance"])
+            .replace("{{ $labels.issuer }}", CRL_LABELS["issuer"])
+            .replace("{{ $value | humanizeDuration }}", value))
+
+
+def test_crl_expiring_soon_fires_days_before_the_outage(
+        alerts: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """`promtool test rules` over the shipped file: the warning is up from 3 days before
+    nextUpdate (after its 15 minutes), and the critical DwsproxyCrlExpired only after it."""
+    assert shutil.which("promtool"), "promtool missing: .ci/system-deps installs prometheus"
+
+    def firing(name: str, value: str = "") -> list[dict[str, Any]]:
+        rule = alerts[name]
+        return [{"exp_labels": {**CRL_LABELS, "severity": rule["labels"]["severity"]},
+                 "exp_annotations": {k: _render(v, value)
+                                     for k, v in rule["annotations"].items()}}]
+
+    soon, expired = "DwsproxyCrlExpiringSoon", "DwsproxyCrlExpired"
+    cases = [
+        ("23h", soon, []),                      # 3 days 1 hour left: quiet
+        ("1d10m", soon, []),                    # under 3 days for 10 minutes: pending
+        ("1d20m", soon, firing(soon, "2d 23h 40m 0s")),
+        ("3d23h", expired, []),                 # one hour before the outage: not yet
+        ("3d23h", soon, firing(soon, "1h 0m 0s")),
+        ("4d10m", expired, firing(expired)),
+    ]
+    doc = {
+        "rule_files": [os.fspath(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{
+                "series": "dwsproxy_crl_next_update_timestamp_seconds{"
+                          + ", ".join(f'{k}="{v}"' for k, v in CRL_LABELS.items()) + "}",
+                "values": "345600x6000"}],
+            "alert_rule_test": [{"eval_time": at, "alertname": name, "exp_alerts": exp}
+                                for at, name, exp in cases],
+        }],
+    }
+    case = tmp_path / "crl_alerts_test.yaml"
+    case.write_text(yaml.safe_dump(doc))
+    result = subprocess.run(["promtool", "test", "rules", os.fspath(case)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr

@@ -7,6 +7,7 @@ import pytest
 from proxy import policy
 from proxy.config.schema import Rule, TlsConfig
 from proxy.tls.contexts import CertFacts
+from proxy.tls.verify import CertVerdict
 
 ALICE = CertFacts(subject="CN=alice,O=dwsproxy", common_name="alice", sans=("alice.example",),
                   issuer="CN=root", serial=1, not_after=0.0)
@@ -223,7 +224,7 @@ def test_cancel_follows_address_rules() -> None:
 def test_cancel_over_direct_tls_needs_alpn_and_a_good_certificate() -> None:
     assert isinstance(policy.decide_cancel((), facts(direct_tls=True, alpn=None)), policy.Reject)
     assert policy.decide_cancel((), facts(direct_tls=True, alpn="postgresql")) == policy.Allow()
-    revoked = facts(client_cert_error=("client_cert_revoked", "revoked"))
+    revoked = facts(client_cert_error=CertVerdict("client_cert_revoked", "revoked"))
     assert policy.decide_cancel((), revoked) == policy.Reject(
         "client_cert_revoked", "28000", "revoked")
 

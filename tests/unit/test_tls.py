@@ -65,7 +65,8 @@ def check(st: tls.ServerTls, server: ssl.SSLObject) -> tuple[str, str] | None:
     """What the session does after the handshake: OpenSSL's verdict on the presented chain."""
     chain = tls.peer_chain(server)
     assert chain is not None and st.verifier is not None
-    return st.verifier.check(*chain)
+    verdict = st.verifier.check(*chain)
+    return None if verdict is None else (verdict.reason, verdict.message)
 
 
 def client_ctx(setup: dict, ca: tuple, cn: str = "postgres") -> tuple[ssl.SSLContext, int]:
