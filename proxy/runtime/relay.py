@@ -269,10 +269,11 @@ def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:
     client.buffer.clear()
     client.received += len(pending)
     backend.transport.write(pending)
-    if backend.buffer:  # the backend spoke before being linked (it should not, but lose nothing)
+    if backend.buffer:  # what the backend answered the StartupMessage before link()
         data = bytes(backend.buffer)
         backend.buffer.clear()
         backend.received += len(data)
+        backend.last = data[-6:]  # a ReadyForQuery there is a message boundary (terminate)
         client.transport.write(data)
     client._resume(STARTUP)
     if client.eof:

@@ -528,6 +528,7 @@ class Session:
         assert self.client is not None and self.backend is not None
         assert self.client.transport is not None
         self.backend.received += len(data)
+        self.backend.last = data[-6:]
         self.client.transport.write(data)
 
     async def _backend_spoke(self) -> bool:
