@@ -237,7 +237,12 @@ def _apply(state: ServerState[Session], new: Loaded) -> None:
     state.loaded_at = now_rfc3339()
     log.info("configuration in force: %s sha256=%s", new.config.path, new.snapshot.sha256)
     for session in list(state.live):
-        verdict = session.recheck(new)
+        try:
+            verdict = session.recheck(new)
+        except Exception as exc:  # one session's chain must not stop the reload for the rest
+            log.exception("cannot check session %s against the new configuration", session.id)
+            verdict = ("client_cert_invalid", "client certificate cannot be checked against "
+                       f"the configuration in force ({type(exc).__name__})")
         if verdict is not None:
             session.terminate(*verdict)
 
@@ -253,8 +258,17 @@ class Reloader:
         self.workers = workers
         self.task: asyncio.Task[None] | None = None
         self.again = False
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Shutdown began: no reload is started or pushed any more."""
+        self.stopped = True
+        if self.task is not None:
+            self.task.cancel()
 
     def request(self) -> None:
+        if self.stopped:
+            return
         if self.task is not None and not self.task.done():
             self.again = True
             return
@@ -270,8 +284,18 @@ class Reloader:
                 sdnotify.notify("READY=1")  # systemd must never be left in RELOADING
             workers = self.workers()
             if new is not None and workers is not None:
-                data = await asyncio.to_thread(workers_mod.config_message, new.snapshot)
-                workers.push_message(data)
+                try:
+                    data = await asyncio.to_thread(workers_mod.config_message, new.snapshot)
+                    workers.push_message(data)
+                except Exception as exc:
+                    # In force here, not in the workers: visible as not synchronized in
+                    # /status, and counted; the next reload pushes again.
+                    log.exception("reload applied in the main process but not sent to the "
+                                  "workers")
+                    metrics.reload_failed()
+                    self.state.last_reload = {
+                        "result": "failure", "at": now_rfc3339(),
+                        "error": f"not sent to the workers: {type(exc).__name__}: {exc}"}
             if not self.again:
                 return
             self.again = False
@@ -392,6 +416,7 @@ async def serve(loaded: Loaded, *, worker: bool = False,
     if not worker:  # listening, serving metrics, and SIGHUP no longer kills: ready
         sdnotify.notify("READY=1")
     await stop.wait()
+    reloader.stop()
     if not worker:
         sdnotify.notify("STOPPING=1")
     log.info("shutting down: no new connections; %d open, waiting up to %.0fs",

@@ -492,8 +492,10 @@ class Session:
             if not await self._refuse_plus_across_certificates():
                 return
         else:
-            self._to_backend(self.startup.raw + bytes(self.client.buffer))
-            self.client.buffer.clear()
+            # The StartupMessage alone: whatever the client pipelined after it stays in
+            # client.buffer until link(), after the last check, so that a session refused
+            # there has had no query run on the backend.
+            self._to_backend(self.startup.raw)
         if not await self._backend_spoke():
             return
         # No await from here to link(): the session is judged by the configuration in force
@@ -589,8 +591,7 @@ class Session:
         assert self.client is not None and self.backend is not None and self.startup
         client, backend = self.client, self.backend
         assert client.transport is not None and backend.transport is not None
-        self._to_backend(self.startup.raw + bytes(client.buffer))
-        client.buffer.clear()
+        self._to_backend(self.startup.raw)  # pipelined bytes wait for link(), as above
         try:
             async with asyncio.timeout(self.cfg.listen.startup_timeout):
                 message = await backend.read_message()
@@ -618,7 +619,8 @@ class Session:
                               "database's own certificate and key (tls.ssl_cert_file, "
                               "tls.ssl_key_file)")
             return False
-        self._to_backend(_message(kind, body))
+        # Not forwarded here: link() sends it, after the last check of the configuration.
+        client.buffer[:0] = _message(kind, body)
         return True
 
     def flush_bytes(self) -> None:

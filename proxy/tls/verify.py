@@ -48,14 +48,16 @@ _CRL_HAS_EXPIRED = 12
 _CERT_REVOKED = 23
 _UNHANDLED_CRITICAL_CRL_EXTENSION = 36
 _DIFFERENT_CRL_SCOPE = 44
-# The chain no longer leads to a trusted CA (x509_vfy.h): its CA left ssl_ca_file.
-_DISTRUSTED = frozenset({
-    2,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT
-    18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
-    19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
-    20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
-    27,  # X509_V_ERR_CERT_UNTRUSTED
+# The failures that time alone causes (x509_vfy.h): a certificate or CRL that expired (or is
+# not yet valid) since an open session's handshake does not end it; every other failure does.
+# A list of the codes that mean "distrusted" instead would be steerable: OpenSSL builds the path
+# from certificates the client chose to send, and a forged issuer turns a removed CA into a
+# signature or CRL failure that no such list names.
+_TIME_ONLY = frozenset({
+    9,  # X509_V_ERR_CERT_NOT_YET_VALID
+    10,  # X509_V_ERR_CERT_HAS_EXPIRED
+    11,  # X509_V_ERR_CRL_NOT_YET_VALID
+    12,  # X509_V_ERR_CRL_HAS_EXPIRED
 })
 
 _PEM_CRL_END = b"-----END X509 CRL-----"
@@ -234,10 +236,11 @@ class Verifier:
     def still_trusts(self, leaf_der: bytes,
                      chain_ders: Iterable[bytes]) -> tuple[str, str] | None:
         """For an open session after a reload: (reason, message) when this configuration
-        revokes its certificate or no longer trusts its chain (its CA was removed), which end
-        the session; None otherwise. Time alone (the certificate or a CRL expiring since the
-        handshake) does not end a session, as PostgreSQL checks a certificate only at
-        connection: new connections are refused for it, open ones are not cut."""
+        refuses its chain for any reason but time (revoked, its CA removed, no usable CRL, a
+        forged issuer that no longer verifies), which ends the session; None otherwise. Time
+        alone (the certificate or a CRL expiring since the handshake) does not end a session,
+        as PostgreSQL checks a certificate only at connection: new connections are refused
+        for it, open ones are not cut."""
         from OpenSSL import crypto
 
         leaf = crypto.load_certificate(crypto.FILETYPE_ASN1, leaf_der)
@@ -246,14 +249,16 @@ class Verifier:
             crypto.X509StoreContext(self.store, leaf, chain).verify_certificate()
         except crypto.X509StoreContextError as exc:
             code = exc.errors[0] if len(exc.errors) == 3 else 0
+            if code in _TIME_ONLY:
+                return None
             if code == _CERT_REVOKED:
                 verdict = self._explain(exc)
                 return verdict.reason, verdict.message
-            if code in _DISTRUSTED:
-                subject, issuer, _serial = _describe(exc.certificate)
-                return ("client_cert_invalid",
-                        f"client certificate no longer trusted: the configuration in force "
-                        f"has no CA for \"{subject}\" (issuer \"{issuer}\")")
+            subject, issuer, _serial = _describe(exc.certificate)
+            text = exc.errors[2] if len(exc.errors) == 3 else str(exc)
+            return ("client_cert_invalid",
+                    f"client certificate no longer trusted by the configuration in force: "
+                    f"{text} (\"{subject}\", issuer \"{issuer}\")")
         return None
 
     def _explain(self, exc: crypto.X509StoreContextError) -> CertVerdict:
@@ -309,5 +314,5 @@ def _describe(cert: crypto.X509 | None) -> tuple[str, str, str]:
     try:
         parsed = cert.to_cryptography()
         return name_to_str(parsed.subject), name_to_str(parsed.issuer), serial
-    except ValueError:
+    except Exception:  # ValueError, and x509.InvalidVersion for a version-2 certificate
         return "(unparseable)", "(unparseable)", serial
