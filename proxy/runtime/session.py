@@ -781,8 +781,9 @@ class Session:
         side whose connection ended first, cleanly (FIN, close_notify) or by a reset."""
         if self.end is not None:
             return self.end
-        if self.client is not None and self.client.violation is not None:
-            return "terminated"
+        if any(side is not None and side.violation is not None
+               for side in (self.client, self.backend)):
+            return "terminated"  # a flood on either hop (relay.py, backend_tls.py)
         client, backend = _side_end(self.client), _side_end(self.backend)
         if backend is not None and (client is None or backend[0] < client[0]):
             return f"backend_{backend[1]}"
