@@ -491,7 +491,7 @@ def warnings(cfg: Config) -> list[str]:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host == "localhost" or host.startswith("/"):  # (a Unix socket folder: never TLS)
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
