@@ -44,14 +44,15 @@ def _flood(port: int, source: str, hold: int, seconds: float) -> subprocess.Pope
                              str(seconds)], stdout=subprocess.PIPE, text=True)
 
 
-def _psql(proxy: Proxy, pki: Path) -> bool:
+def _psql(proxy: Proxy, pki: Path) -> str:
+    """"" when psql got through, else its error."""
     assert PSQL is not None
     out = subprocess.run(
         [PSQL, f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres "
                f"sslmode=verify-ca sslrootcert={pki / 'cacert.pem'} connect_timeout=10",
          "-X", "-At", "-c", "SELECT 1"],
         capture_output=True, text=True, env=clean_env(), timeout=30)
-    return out.returncode == 0 and out.stdout.strip() == "1"
+    return "" if out.returncode == 0 and out.stdout.strip() == "1" else out.stderr.strip()
 
 
 @pytest.mark.parametrize("max_connections", [100, 400])
@@ -61,20 +62,21 @@ def test_real_clients_get_through_a_flood_from_three_addresses(
     negotiating = max(16, max_connections // 4)
     # each address stays under the per-address cap (half the budget); together they are over
     flooders = [_flood(proxy.port, source, negotiating // 2 - 1, 60) for source in SOURCES]
-    ok = 0
+    errors: list[str] = []
     try:
         deadline = time.monotonic() + 10
         while proxy.metric("dwsproxy_connections_rejected_total", reason="negotiation_budget") \
                 < 3 * negotiating and time.monotonic() < deadline:
             time.sleep(0.05)
         for _ in range(ATTEMPTS):
-            ok += _psql(proxy, pki)
+            errors.append(_psql(proxy, pki))
     finally:
         for flooder in flooders:
             flooder.kill()
             flooder.wait(10)
+    ok = errors.count("")
     evicted = proxy.metric("dwsproxy_connections_rejected_total", reason="negotiation_budget")
     print(f"max_connections {max_connections}: {ok}/{ATTEMPTS} psql clients got through; "
           f"budget evictions {evicted:.0f}")
     assert evicted >= 3 * negotiating, "the flood never filled the budget: not a test"
-    assert ok == ATTEMPTS
+    assert ok == ATTEMPTS, [e for e in errors if e]
