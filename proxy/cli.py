@@ -284,6 +284,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for f in found:
         label = "config error" if f.level == "error" else "warning"
         print(f"{label}: {f.key}: {f.message}", file=sys.stderr)
+    for text in config_mod.warnings(cfg):
+        print(f"warning: {text}", file=sys.stderr)
     if any(f.level == "error" for f in found):
         return 2
     print(f"config ok: {cfg.path}")

@@ -231,3 +231,103 @@ def ssl_request(sock: socket.socket) -> None:
     sock.sendall(struct.pack("!ii", 8, 80877103))
     if sock.recv(1) != b"S":
         raise AssertionError("the proxy did not answer S")
+
+
+class HandmadeServer:
+    """The server side of HandmadeClient: OpenSSL's handshake (an SSLObject on MemoryBIOs
+    over a blocking socket), then `writer()` makes the server's records, for hostile-backend
+    tests (KeyUpdate and HelloRequest floods toward the proxy's backend hop)."""
+
+    def __init__(self, cert: Path, key: Path, *, tls12: bool = False,
+                 alpn: list[str] | None = None) -> None:
+        self._dir = tempfile.mkdtemp(prefix="tls-records-")
+        self._keylog = Path(self._dir) / "keys.log"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.keylog_filename = str(self._keylog)
+        ctx.num_tickets = 0  # no NewSessionTicket: the records after the handshake are ours
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_ciphers("ECDHE+AESGCM")
+        if alpn is not None:
+            ctx.set_alpn_protocols(alpn)
+        self.tls12 = tls12
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.sslobj = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self._own_flight = bytearray()  # the ServerHello's random (TLS 1.2)
+
+    def accept(self, sock: socket.socket) -> None:
+        """The handshake over a blocking socket that already sent its `S` (or, direct TLS,
+        nothing)."""
+        while True:
+            try:
+                self.sslobj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            out = self._out.read()
+            if len(self._own_flight) < 1 << 16:
+                self._own_flight += out
+            if out:
+                sock.sendall(out)
+            if done:
+                return
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("client closed during the handshake")
+            self._in.write(data)
+
+    def read(self, sock: socket.socket) -> bytes:
+        while True:
+            try:
+                return self.sslobj.read(1 << 20)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    return b""
+                self._in.write(data)
+
+    def feed(self, data: bytes) -> None:
+        self._in.write(data)
+
+    def write(self, data: bytes) -> bytes:
+        """Records of `data` (through the SSLObject: only before `writer()`)."""
+        self.sslobj.write(data)
+        return self._out.read()
+
+    def writer(self, records_sent: int = 0) -> Tls13Writer | Tls12Writer:
+        """Take over the server's sending direction after `records_sent` application records
+        went through the SSLObject."""
+        keys = _keylog(self._keylog)
+        suite = self.sslobj.cipher()
+        assert suite is not None
+        if not self.tls12:
+            assert self.sslobj.version() == "TLSv1.3", suite
+            return Tls13Writer(suite[0], keys["SERVER_TRAFFIC_SECRET_0"], seq=records_sent)
+        assert self.sslobj.version() == "TLSv1.2", suite
+        digest = "sha384" if suite[0].endswith("SHA384") else "sha256"
+        key_len = 32 if "AES256" in suite[0] else 16
+        line = next(raw for raw in self._keylog.read_text().splitlines()
+                    if raw.startswith("CLIENT_RANDOM "))
+        client_random = bytes.fromhex(line.split()[1])
+        flight = bytes(self._own_flight)
+        assert flight[0] == 22 and flight[5] == 2, flight[:10]
+        server_random = flight[11:43]
+        block = _p_hash(digest, keys["CLIENT_RANDOM"],
+                        b"key expansion" + server_random + client_random, 2 * key_len + 8)
+        # client key, server key, client IV, server IV (RFC 5246 6.3; no MAC keys for GCM)
+        return Tls12Writer(block[key_len:2 * key_len], block[2 * key_len + 4:2 * key_len + 8],
+                           seq=1 + records_sent)
+
+    def close(self) -> None:
+        for path in Path(self._dir).iterdir():
+            path.unlink()
+        os.rmdir(self._dir)
+
+
+# TLS 1.2 HelloRequest, RFC 5246 7.4.1.1: a server asking the client to renegotiate
+HELLO_REQUEST = b"\x00\x00\x00\x00"
+
+
+def hello_request(writer: Tls12Writer) -> bytes:
+    return writer.record(HELLO_REQUEST, 22)

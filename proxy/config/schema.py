@@ -41,6 +41,14 @@ class ListenConfig:
     startup_timeout: float = 10.0
     idle_timeout: float = 0.0
     shutdown_grace: float = 30.0
+    # TCP keepalive of accepted sockets, PostgreSQL's names and units (0 = the OS default).
+    # Through the proxy the backend's TCP peer is the proxy, so PostgreSQL's own settings no
+    # longer see a client that vanished without FIN or RST: these must. 60 + 6 x 10 s: a dead
+    # idle client is found in two minutes, not the OS's two hours.
+    tcp_keepalives_idle: int = 60
+    tcp_keepalives_interval: int = 10
+    tcp_keepalives_count: int = 6
+    tcp_user_timeout: int = 0  # ms unacknowledged before the kernel drops the connection
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,12 @@ _LISTEN = {
     "startup_timeout": _as_seconds(False),
     "idle_timeout": _as_seconds(True),
     "shutdown_grace": _as_seconds(True),
+    # Linux's ranges: TCP_KEEPIDLE/TCP_KEEPINTVL 1..32767 s, TCP_KEEPCNT 1..127; 0 is
+    # PostgreSQL's "the OS default"
+    "tcp_keepalives_idle": _as_int(0, 32767),
+    "tcp_keepalives_interval": _as_int(0, 32767),
+    "tcp_keepalives_count": _as_int(0, 127),
+    "tcp_user_timeout": _as_int(0, 2_147_483_647),
 }
 _BACKEND = {
     "host": _as_str,
@@ -460,6 +474,29 @@ def _check_backend(b: BackendConfig) -> None:
                           "or the .cipher/.rand pair, not both")
     if (b.sslpassword_file or b.sslkey_cipher_file) and not b.sslkey:
         raise ConfigError("backend.sslkey", "a key passphrase was given but no backend.sslkey")
+
+
+def warnings(cfg: Config) -> list[str]:
+    """What a configuration allows but an operator should hear about (logged at load, printed
+    by check-config)."""
+    out = []
+    b = cfg.backend
+    if b.sslmode == "prefer" and not _is_loopback(b.host):
+        # libpq's prefer: an `N` to the SSLRequest means plaintext, and anyone on the path can
+        # send that `N`. Over a network only require/verify-* keep the database's hop encrypted.
+        out.append(f"backend.sslmode = \"prefer\" with backend.host {b.host!r}, which is not a "
+                   "loopback address: anyone on the path can answer the SSLRequest with N and "
+                   "get the sessions in plaintext; use require, verify-ca or verify-full")
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.startswith("/"):  # (a Unix socket folder: never TLS)
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def _enabled_versions(tls: TlsConfig) -> tuple[str, ...]:

@@ -54,7 +54,11 @@ REJECT_REASONS = (
     # dropped while still negotiating, for a newer connection (server.NegotiationBudget)
     "negotiation_budget",
 )
-BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake")
+BACKEND_TLS_REASONS = ("untrusted", "name_mismatch", "expired", "ssl_refused", "handshake",
+                       # direct TLS: the server selected no ALPN, or not "postgresql"
+                       "alpn",
+                       # a backend closed for a post-handshake TLS flood (backend_tls.py)
+                       "flood")
 
 CONNECTIONS = Counter(
     "dwsproxy_connections_total", "Sessions handed to the backend.",

@@ -10,17 +10,21 @@ the database the same way. Must not decide policy or relay bytes (relay.py does)
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..protocol import wire
+from ..tls.contexts import ALPN_POSTGRESQL
 from .backend_tls import ClientTls
 from .relay import Endpoint
 
 if TYPE_CHECKING:
     from ..config.schema import BackendConfig
     from ..tls.contexts import BackendTls
+
+log = logging.getLogger("dwsproxy.backend")
 
 # X509_V_ERR_* (openssl/x509_vfy.h) that get their own reason
 _CERT_HAS_EXPIRED = 10
@@ -56,6 +60,10 @@ async def connect(cfg: BackendConfig, btls: BackendTls | None,
             except BaseException:
                 transport.abort()
                 raise
+            refusal = _alpn_refusal(tls.sslobj.selected_alpn_protocol())
+            if refusal:
+                transport.abort()  # before a byte of the client's reaches that server
+                raise BackendError(refusal, "alpn")
             return Connected(True, _peer_cert(endpoint))
         await loop.create_connection(lambda: endpoint, cfg.host, cfg.port)
     except ssl.SSLError as exc:
@@ -78,6 +86,9 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
     if answer == wire.SSL_REFUSE:
         del endpoint.buffer[:1]
         if btls.sslmode == "prefer":
+            # libpq's prefer, but never silent: whoever answers `N` on the path gets plaintext
+            log.warning("backend %s refused SSL: backend.sslmode = \"prefer\" falls back to an "
+                        "unencrypted connection", cfg.address)
             return Connected(False, None)
         raise BackendError(f"the server does not support SSL, but backend.sslmode is "
                            f"\"{btls.sslmode}\"", "ssl_refused")
@@ -101,6 +112,21 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
         transport.abort()  # timed out or cancelled: no half-made connection stays
         raise
     return Connected(True, _peer_cert(endpoint))
+
+
+def _alpn_refusal(selected: str | None) -> str:
+    """Why a direct-TLS server is refused for its ALPN answer, or "". As libpq 17
+    (fe-secure-openssl.c, open_client_SSL): without an SSLRequest nothing but ALPN says the
+    server speaks PostgreSQL, so a TLS server of another protocol that shares the certificate
+    (an HTTPS server: the ALPACA attack) must not be sent the client's StartupMessage."""
+    if selected is None:
+        return ("direct TLS connection was established without ALPN protocol negotiation "
+                f"(the server did not select \"{ALPN_POSTGRESQL}\")")
+    if selected != ALPN_POSTGRESQL:
+        shown = selected.encode("ascii", "backslashreplace").decode()[:64]
+        return (f"direct TLS connection was established with unexpected ALPN protocol "
+                f"{shown!r} (not \"{ALPN_POSTGRESQL}\")")
+    return ""
 
 
 def _peer_cert(endpoint: Endpoint) -> bytes | None:

@@ -6,6 +6,20 @@ backend sends into the endpoint's `data_received`, encrypting what the endpoint'
 given, close_notify. Must not decide what to connect to or how to name a failure (backend.py),
 nor relay (relay.py).
 
+The same flood bounds as the client side (relay.py rules 4, 6, 7): a backend, or whoever sits on
+the path under sslmode require/prefer without sslrootcert, can send TLS records that carry no
+application data and each cost OpenSSL work and a reply (TLS 1.3 KeyUpdate(update_requested),
+TLS 1.2 HelloRequest, which our client answers with a no_renegotiation alert). Unchecked, one
+256 KiB read of KeyUpdates held the loop ~255 ms and queued a reply per record without limit.
+Here ciphertext goes to OpenSSL at most STEP_RECORDS records at a time; after a step that had
+such records the rest of the read waits for the next loop turn (the backend not read
+meanwhile); more than TLS_NOISE_LIMIT bytes of them, net of what application records pay back,
+or more than REPLY_HOLD bytes of replies queued while the backend does not read (WRITE_CAP in
+all), closes the backend connection with violation "tls_flood", which the session counts
+(dwsproxy_backend_tls_failures_total{reason="flood"}). Application data is never held back for
+the backend's own reading: PostgreSQL does not read while it is blocked sending, so that
+would deadlock a large pipelined exchange.
+
 Why not uvloop's start_tls: its SSL protocol keeps a 256 KiB read buffer per connection and
 writes whole reads into its incoming BIO, whose buffer OpenSSL never shrinks, so every session
 that once had a large reply kept ~294 KiB for the rest of its life, idle or not
@@ -19,19 +33,30 @@ import contextlib
 import ssl
 from typing import Any
 
-from .relay import SSL_READ_SIZE, TLS_RECORD_MAX, Endpoint, c_methods, seal
+from .relay import (
+    RECORD_OVERHEAD,
+    SSL_READ_SIZE,
+    TLS_NOISE_LIMIT,
+    TLS_RECORD_MAX,
+    WRITE_CAP,
+    Endpoint,
+    c_methods,
+    record_cuts,
+    seal,
+)
 
-# Ciphertext given to OpenSSL at a time: the incoming BIO never holds more than this and the
-# rest of one record, so its buffer stays small for the session's life.
-FEED_STEP = 16 * 1024
+# Replies to the backend's records (KeyUpdate answers, alerts) queued while its transport is
+# paused, i.e. while it does not read: a real server never asks for one.
+REPLY_HOLD = 64 * 1024
 
 
 class ClientTls(asyncio.Protocol):
     """The protocol on the plain transport: TLS records in and out, plaintext to and from
     `inner` (an Endpoint), whose `transport` is this object's `ClientTlsTransport`."""
 
-    __slots__ = ("_encrypt", "_incoming", "_outgoing", "_pending", "_read", "facade", "handshake",
-                 "inner", "raw", "sslobj")
+    __slots__ = ("_asked", "_encrypt", "_head", "_held", "_incoming", "_noise", "_outgoing",
+                 "_pending", "_read", "_replies", "_skip", "_turn", "_writing_paused", "facade",
+                 "handshake", "inner", "raw", "sslobj")
 
     def __init__(self, inner: Endpoint, context: ssl.SSLContext,
                  server_hostname: str | None) -> None:
@@ -47,6 +72,17 @@ class ClientTls(asyncio.Protocol):
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # a failure nobody awaits any more (the connect timed out) is not logged as unretrieved
         self.handshake.add_done_callback(_retrieve)
+        # Flood bounds (module docstring). The stream is records from our first byte (direct
+        # TLS) or from the byte after `S` (the endpoint's buffer held only that): where the next
+        # record starts is tracked from there, for the steps.
+        self._skip = 0
+        self._head = b""
+        self._noise = 0  # bytes of records without application data, net
+        self._held = bytearray()  # the rest of a read, for the next loop turn
+        self._turn = False  # that rest is waiting: the raw transport is not read meanwhile
+        self._asked = False  # the relay paused reading (flow control)
+        self._writing_paused = False  # the backend does not read what we send
+        self._replies = 0  # reply bytes queued while _writing_paused
 
     # -- start ----------------------------------------------------------------------------------
     def start(self, raw: asyncio.Transport) -> None:
@@ -85,11 +121,20 @@ class ClientTls(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._turn:  # the rest of an earlier read waits for its turn: this goes after it
+            self._held += data
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         incoming, read, pending = self._incoming, self._read, self._pending
-        view = memoryview(data) if len(data) > FEED_STEP else data
+        cuts, self._skip, self._head = record_cuts(data, self._skip, self._head)
+        view = memoryview(data) if len(cuts) > 1 else data
         parts: list[bytes] = []  # delivered once per read: one write onward, not one a step
-        for start in range(0, len(data), FEED_STEP):
-            incoming.write(view[start:start + FEED_STEP])
+        start = 0
+        for end in cuts:
+            incoming.write(view[start:end])
+            start = end
             if not self.handshake.done():
                 self._step()
                 if not self.handshake.done():
@@ -97,9 +142,12 @@ class ClientTls(asyncio.Protocol):
                 if self.handshake.exception() is not None:
                     return
             while True:
+                before = incoming.pending
                 try:
                     chunk = read(SSL_READ_SIZE)
                 except ssl.SSLWantReadError:
+                    if self._account(before - incoming.pending, 0):
+                        return
                     break
                 except ssl.SSLError:
                     # a corrupt record, or (TLS 1.3) the server refusing our certificate after
@@ -115,11 +163,88 @@ class ClientTls(asyncio.Protocol):
                     self._eof()
                     return
                 parts.append(chunk)
+                if self._account(before - incoming.pending, len(chunk)):
+                    return
                 if not incoming.pending and not pending():
                     break  # (a read takes a record whole: pending() is 0 here, checked anyway)
+            if self._outgoing.pending and self._reply():
+                return
+            if end < len(data) and self._noise:
+                # records without application data in this step: the rest of the read waits
+                # for the next loop turn, so other sessions run between steps of a flood;
+                # `end` is where a record ends, so the held rest starts with a header
+                self._skip, self._head = 0, b""
+                self._held += view[end:]
+                self._yield_turn()
+                break
         self._deliver(parts)
         if self._outgoing.pending:  # an alert, or an answer to a post-handshake message
-            self._flush()
+            self._reply()
+
+    def _account(self, consumed: int, plaintext: int) -> bool:
+        """relay.py's rule 6 for this hop: True when the backend was closed for a flood."""
+        noise = self._noise + consumed
+        if plaintext:
+            noise = max(0, noise - plaintext - RECORD_OVERHEAD)
+        self._noise = noise
+        if noise > TLS_NOISE_LIMIT:
+            self._violate(f"more than {TLS_NOISE_LIMIT} bytes of TLS records with no "
+                          "application data from the backend (KeyUpdate or renegotiation flood)")
+            return True
+        return False
+
+    def _reply(self) -> bool:
+        """What OpenSSL answered onto the wire; True when that closed the backend for a flood:
+        REPLY_HOLD bytes of replies while it does not read, or WRITE_CAP queued in all."""
+        size = self._outgoing.pending
+        if self._writing_paused:
+            self._replies += size
+        self._flush()
+        raw = self.raw
+        if self._replies > REPLY_HOLD or (raw is not None
+                                          and raw.get_write_buffer_size() > WRITE_CAP):
+            self._violate(f"more than {REPLY_HOLD} bytes of TLS replies queued for a backend "
+                          "that does not read them (KeyUpdate or renegotiation flood)")
+            return True
+        return False
+
+    def _violate(self, detail: str) -> None:
+        if self.inner.violation is None:
+            self.inner.violation = ("tls_flood", detail)
+        self._held.clear()
+        if self.raw is not None:
+            self.raw.abort()
+
+    def _yield_turn(self) -> None:
+        self._turn = True
+        self._apply_reading()
+        asyncio.get_running_loop().call_soon(self._take_turn)
+
+    def _take_turn(self) -> None:
+        self._turn = False
+        self._apply_reading()
+        if self._held and self.raw is not None and not self.raw.is_closing():
+            held = bytes(self._held)
+            self._held.clear()
+            self._receive(held)
+
+    # -- reading, paused for two reasons: the relay's flow control (_asked) and a turn --------
+    def pause_reading(self) -> None:
+        self._asked = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        self._asked = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        raw = self.raw
+        if raw is None or raw.is_closing():
+            return
+        if self._asked or self._turn:
+            raw.pause_reading()
+        else:
+            raw.resume_reading()
 
     def _deliver(self, parts: list[bytes]) -> None:
         if parts:
@@ -148,9 +273,12 @@ class ClientTls(asyncio.Protocol):
         self.facade = None
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._replies = 0
         self.inner.resume_writing()
 
     # -- writing --------------------------------------------------------------------------------
@@ -222,12 +350,10 @@ class ClientTlsTransport(asyncio.Transport):
         return False
 
     def pause_reading(self) -> None:
-        if self._tls.raw is not None:
-            self._tls.raw.pause_reading()
+        self._tls.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._tls.raw is not None:
-            self._tls.raw.resume_reading()
+        self._tls.resume_reading()
 
     def is_reading(self) -> bool:
         raw = self._tls.raw

@@ -363,6 +363,32 @@ def seal(write: Callable[[Any], int], outgoing: ssl.MemoryBIO,
     return out
 
 
+def record_cuts(data: bytes, skip: int, head: bytes) -> tuple[list[int], int, bytes]:
+    """Rule 7's steps: offsets in `data` after STEP_RECORDS records or STEP_BYTES, where a record
+    ends, and at the end. `skip` bytes of a record are still to come, or `head` is the start of
+    a header split between reads; returned anew for the next read. Both hops use it."""
+    n = len(data)
+    if head:  # a record header split between reads
+        header = head + data[:5 - len(head)]
+        if len(header) < 5:
+            return [n], 0, header
+        at = 5 - len(head) + (header[3] << 8 | header[4])
+    else:
+        at = skip
+    cuts: list[int] = []
+    start = records = 0
+    while at + 5 <= n:
+        at += 5 + (data[at + 3] << 8 | data[at + 4])
+        records += 1
+        if (records == STEP_RECORDS or at - start >= STEP_BYTES) and at < n:
+            cuts.append(at)
+            start, records = at, 0
+    cuts.append(n)
+    if at >= n:
+        return cuts, at - n, b""
+    return cuts, 0, bytes(data[at:])
+
+
 def c_methods(sslobj: ssl.SSLObject) -> Any:
     """The C object under an `ssl.SSLObject`: its methods skip ssl.py's Python wrappers, one
     frame per call on the per-message path."""
@@ -561,32 +587,10 @@ class TlsEndpoint(Endpoint):
             self._take_held()
 
     def _record_cuts(self, data: bytes) -> list[int]:
-        """Offsets in `data` where a step ends: after STEP_RECORDS records or STEP_BYTES,
-        where a record ends, and at the end. Keeps where the next record starts (_skip,
-        _head). Only the size of the steps depends on it, never what OpenSSL is given."""
-        n = len(data)
-        if self._head:  # a record header split between reads
-            header = self._head + data[:5 - len(self._head)]
-            if len(header) < 5:
-                self._head = header
-                return [n]
-            at = 5 - len(self._head) + (header[3] << 8 | header[4])
-            self._head = b""
-        else:
-            at = self._skip
-        cuts: list[int] = []
-        start = records = 0
-        while at + 5 <= n:
-            at += 5 + (data[at + 3] << 8 | data[at + 4])
-            records += 1
-            if (records == STEP_RECORDS or at - start >= STEP_BYTES) and at < n:
-                cuts.append(at)
-                start, records = at, 0
-        if at >= n:
-            self._skip = at - n
-        else:
-            self._skip, self._head = 0, bytes(data[at:])
-        cuts.append(n)
+        """Offsets in `data` where a step ends (record_cuts), keeping where the next record
+        starts in _skip and _head. Only the size of the steps depends on it, never what OpenSSL
+        is given."""
+        cuts, self._skip, self._head = record_cuts(data, self._skip, self._head)
         return cuts
 
     def _read_loop(self, parts: list[bytes]) -> int:

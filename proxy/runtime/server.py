@@ -25,6 +25,7 @@ from ..ops import admin, metrics, sdnotify
 from ..tls import loader
 from ..tls.loader import Loaded
 from . import backend as backend_mod
+from . import tcp
 from . import workers as workers_mod
 from .session import Session
 from .state import EVICT_SLACK, ServerState, now_rfc3339, raise_nofile
@@ -48,8 +49,8 @@ def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    # Accepted sockets inherit it (Linux copies the listening socket's options): one
-    # setsockopt here instead of one per client.
+    # Accepted sockets inherit it (Linux copies the listening socket's options); the timings
+    # are [listen]'s, set by the Listener (tcp.py) and again after a reload.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.bind(addr)
     sock.listen(1024)
@@ -71,6 +72,8 @@ class Listener:
         self._family, self._type, self._proto = int(sock.family), int(sock.type), sock.proto
         self.accepting = True
         self.watching = False
+        self._tcp_for: object = None
+        self._keepalive()  # before the first client: its socket is cloned at the handshake
         self._watch()
 
     def _watch(self) -> None:
@@ -83,8 +86,18 @@ class Listener:
             self.loop.remove_reader(self.sock.fileno())
             self.watching = False
 
+    def _keepalive(self) -> None:
+        """[listen]'s keepalive and user timeout on the listening socket, which accepted sockets
+        inherit (Linux copies its TCP options: four setsockopt calls per configuration, not per
+        client); taken again when a reload brought another [listen]."""
+        listen = self.state.config.listen
+        if listen is not self._tcp_for:
+            tcp.apply(self.sock, listen)
+            self._tcp_for = listen
+
     def _on_readable(self) -> None:
         state = self.state
+        self._keepalive()
         limits = state.limits
         budget = state.budget
         for _ in range(ACCEPT_BATCH):

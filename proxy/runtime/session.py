@@ -47,6 +47,7 @@ from ..protocol.negotiation import (
 from ..tls import contexts as tls
 from ..tls.verify import CertVerdict
 from . import backend as backend_mod
+from . import tcp
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
 
 ALPN_OFFER = tls.ALPN_POSTGRESQL.encode()
@@ -155,7 +156,8 @@ class Session:
     def _prepare_socket(self) -> None:
         sock = self.sock
         sock.setblocking(False)
-        # SO_KEEPALIVE comes from the listening socket (Linux copies it to accepted sockets);
+        # Keepalive and the user timeout come from the listening socket (Linux copies them to
+        # accepted sockets: server.Listener._keepalive);
         # TCP_NODELAY: uvloop sets it on every TCP transport it makes. The peer address is the
         # one accept() returned: no getpeername().
         try:
@@ -487,6 +489,9 @@ class Session:
             return
         self.backend = backend
         self.backend_encrypted = connected.encrypted
+        # a backend that vanished without FIN/RST is seen too, not only a dead client
+        tcp.apply(backend.transport and backend.transport.get_extra_info("socket"),
+                  self.cfg.listen)
         metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
         if self._channel_binding_differs(connected):
             if not await self._refuse_plus_across_certificates():
@@ -778,8 +783,9 @@ class Session:
         side whose connection ended first, cleanly (FIN, close_notify) or by a reset."""
         if self.end is not None:
             return self.end
-        if self.client is not None and self.client.violation is not None:
-            return "terminated"
+        if any(side is not None and side.violation is not None
+               for side in (self.client, self.backend)):
+            return "terminated"  # a flood on either hop (relay.py, backend_tls.py)
         client, backend = _side_end(self.client), _side_end(self.backend)
         if backend is not None and (client is None or backend[0] < client[0]):
             return f"backend_{backend[1]}"
@@ -798,6 +804,12 @@ class Session:
         if (self.client is not None and self.client.violation is not None
                 and self.outcome in ("ok", "client_gone", "closed")):
             self._reject(*self.client.violation)  # closed for cause while relaying
+        if self.backend is not None and self.backend.violation is not None:
+            # backend_tls.py closed the backend hop for a TLS flood: the database's side (or
+            # whoever is on its path) misbehaved, not the client
+            metrics.backend_tls_failed("flood")
+            self.outcome = "backend_tls_flood"
+            self.detail = f"backend {self.cfg.backend.address}: {self.backend.violation[1]}"
         self.flush_bytes()
         self.state.session_ended(self)
         end = self._ended_by() if self.linked else ""

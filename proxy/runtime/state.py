@@ -10,15 +10,15 @@ Descriptors, per worker process: every client socket may need a second descripto
 or the connection its CancelRequest is forwarded on), so the client sockets open at once are
 at most half of what RLIMIT_NOFILE leaves after the descriptors open at start and a reserve.
 Of those, connections still negotiating (no StartupMessage allowed yet) have their own, smaller
-budget, and one source address at most half of it: when it is full the oldest negotiating
-connection is dropped for the new one (`negotiation_budget`), so idle sockets, which are old by
-the time a real client comes, cannot keep it out.
+budget, and one source (an IPv4 address, an IPv6 /64) at most half of it: when it is full the
+oldest negotiating connection of the source holding the most slots is dropped for the new one
+(`NegotiationBudget`), so neither idle sockets nor a flood from several addresses can keep a
+real client out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -148,33 +148,63 @@ def descriptors_in_use() -> int:
     return FD_RESERVE  # cannot tell: assume a reserve's worth
 
 
+def source_of(host: str) -> str:
+    """The source a connection counts against in the budgets: an IPv4 address, or an IPv6
+    client's /64 (the least a site or a host is given: one host may use any address in it). An
+    IPv4 client of a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address, not the /64 that
+    every such client shares."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
 class NegotiationBudget:
-    """Connections still negotiating, oldest first (dicts keep insertion order), in all and by
-    source address. A new one that finds the budget or its source's cap full evicts the oldest
-    there, never itself: a flood's idle sockets are always older than a real client."""
+    """Connections still negotiating, by source (`source_of`), oldest first (dicts keep
+    insertion order). A new connection always gets a slot; when the budget is full it is taken
+    from the source holding the most slots, that source's oldest connection: a flood, from one
+    address or from many, pays for its own connections, and a source with few slots (a real
+    client mid-handshake) is evicted only when every source holds as few. The new connection's
+    own source gives up a slot when it holds as many as any other (a tie never goes against
+    the others), and one source holds at most `per_source` slots."""
 
     def __init__(self) -> None:
         self.negotiating: dict[Member, str] = {}
         self.by_source: dict[str, dict[Member, None]] = {}
+        # sources by how many slots they hold, each tier in the order its sources reached it:
+        # the source to evict from is the first of the top tier, found without a scan
+        self._tiers: dict[int, dict[str, None]] = {}
+        self._top = 0
         self.evicted = 0
 
-    def enter(self, session: Member, source: str, limits: Limits) -> None:
+    def enter(self, session: Member, host: str, limits: Limits) -> None:
+        source = source_of(host)
         peers = self.by_source.get(source)
         if peers is not None and len(peers) >= limits.per_source:
             self._evict(next(iter(peers)),
                         f"dropped for a newer connection from {source}: {len(peers)} "
-                        f"connections from that address were negotiating (per-source cap "
+                        f"connections from that source were negotiating (per-source cap "
                         f"{limits.per_source}), this one the longest")
         if len(self.negotiating) >= limits.negotiating:
-            self._evict(next(iter(self.negotiating)),
+            own = len(self.by_source.get(source, ()))
+            victim_source = source if own >= self._top else next(iter(self._tiers[self._top]))
+            victims = self.by_source[victim_source]
+            self._evict(next(iter(victims)),
                         f"dropped for a newer connection: {len(self.negotiating)} connections "
-                        f"were negotiating (negotiation budget {limits.negotiating}), this one "
-                        f"the longest")
+                        f"were negotiating (negotiation budget {limits.negotiating}), "
+                        f"{len(victims)} of them from {victim_source}, the most of any source; "
+                        f"this one its longest")
         self.negotiating[session] = source
         peers = self.by_source.get(source)
         if peers is None:
             peers = self.by_source[source] = {}
         peers[session] = None
+        self._move(source, len(peers) - 1, len(peers))
 
     def leave(self, session: Member) -> None:
         source = self.negotiating.pop(session, None)
@@ -184,6 +214,20 @@ class NegotiationBudget:
         del peers[session]
         if not peers:
             del self.by_source[source]
+        self._move(source, len(peers) + 1, len(peers))
+
+    def _move(self, source: str, old: int, new: int) -> None:
+        if old:
+            tier = self._tiers[old]
+            del tier[source]
+            if not tier:
+                del self._tiers[old]
+                if self._top == old:
+                    self._top = new  # (a source leaving the top tier moves one down)
+        if new:
+            self._tiers.setdefault(new, {})[source] = None
+            if new > self._top:
+                self._top = new
 
     def _evict(self, victim: Member, detail: str) -> None:
         self.leave(victim)
@@ -262,9 +306,7 @@ class ServerState(Generic[S]):
     def cancel_allowed(self, host: str) -> bool:
         """A token bucket per source address; an IPv6 client owns its whole /64, so that is
         one source. Clients behind one SNAT address share a bucket."""
-        if ":" in host:
-            with contextlib.suppress(ValueError):
-                host = str(ipaddress.ip_network(f"{host}/64", strict=False))
+        host = source_of(host)
         now = time.monotonic()
         tokens, when = self._cancel_tokens.pop(host, (CANCEL_BURST, now))
         tokens = min(CANCEL_BURST, tokens + (now - when) * CANCEL_RATE)

@@ -12,6 +12,7 @@ the same snapshot, complete or not at all, swapped as one reference on a reload.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from ..config.snapshot import Snapshot
 from . import contexts as tls
 from . import expiry
 from .contexts import BackendTls, ServerTls
+
+log = logging.getLogger("dwsproxy.config")
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,14 @@ def build(snap: snapshot.Snapshot) -> Loaded:
 
 def load(path: str, *, warn: bool = True) -> Loaded:
     """The main process's load, at start-up and on reload: with `warn`, expired and expiring
-    certificates and CRLs are logged (expiry.py), never refused."""
+    certificates and CRLs are logged (expiry.py), never refused, and so is what the
+    configuration allows but an operator should hear about (schema.warnings): here once, not
+    by every worker that builds it."""
     loaded = build(read(path))
     if warn:
         expiry.log_findings(expiry_findings(loaded, time.time()))
+        for text in config.warnings(loaded.config):
+            log.warning("%s: %s", loaded.config.path, text)
     return loaded
 
 

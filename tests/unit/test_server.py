@@ -17,6 +17,7 @@ from proxy.runtime.state import (
     NegotiationBudget,
     compute_limits,
     raise_nofile,
+    source_of,
 )
 
 
@@ -127,12 +128,24 @@ def test_budget_invariants(steps: list[tuple[bool, int]]) -> None:
     for n, (enter, source) in enumerate(steps):
         if enter or not inside:
             fake = Fake(f"s{n}")
-            fake.source = str(source)  # type: ignore[attr-defined]
-            budget.enter(fake, str(source), LIMITS)
-            for victim in [f for f in inside if f.evicted]:
-                # the victim was the oldest of all, or the oldest of the new one's source
-                same = [f for f in inside if f.source == fake.source]  # type: ignore[attr-defined]
-                assert victim in (inside[0], same[0] if same else None)
+            fake.source = f"10.0.0.{source}"  # type: ignore[attr-defined]
+            counts: dict[str, int] = {}
+            for f in inside:
+                counts[f.source] = counts.get(f.source, 0) + 1  # type: ignore[attr-defined]
+            budget.enter(fake, fake.source, LIMITS)  # type: ignore[attr-defined]
+            victims = [f for f in inside if f.evicted]
+            assert len(victims) <= 1
+            own = counts.get(fake.source, 0)  # type: ignore[attr-defined]
+            for victim in victims:
+                where = victim.source  # type: ignore[attr-defined]
+                # the oldest of its source...
+                assert victim is next(f for f in inside if f.source == where)  # type: ignore[attr-defined]
+                if where == fake.source:  # type: ignore[attr-defined]
+                    # ...its own: at the per-source cap, or holding as many as any other
+                    assert own >= LIMITS.per_source or own >= max(counts.values())
+                else:
+                    # ...else of a source holding the most slots, more than the new one's
+                    assert counts[where] == max(counts.values()) > own
                 inside.remove(victim)
             inside.append(fake)
             assert fake.evicted is None
@@ -142,3 +155,49 @@ def test_budget_invariants(steps: list[tuple[bool, int]]) -> None:
         assert len(inside) <= LIMITS.negotiating
         for peers in budget.by_source.values():
             assert 0 < len(peers) <= LIMITS.per_source
+
+
+def test_a_flood_from_several_addresses_evicts_itself_not_the_real_client() -> None:
+    """Issue 21 item 4: three flooding addresses (each under the per-source cap) filled the
+    budget and every newer flood connection dropped the oldest of all, the real client."""
+    limits = Limits(nofile=1024, in_use=10, share=400, relayed=400, negotiating=100,
+                    per_source=50)
+    budget = NegotiationBudget()
+    flood = [f"127.0.1.{i}" for i in range(3)]
+    for n in range(99):
+        budget.enter(Fake(f"f{n}"), flood[n % 3], limits)
+    real = Fake("real")
+    budget.enter(real, "127.0.0.1", limits)
+    for n in range(5000):  # the flood goes on while the real client is mid-handshake
+        budget.enter(Fake(f"g{n}"), flood[n % 3], limits)
+    assert real.evicted is None
+    assert len(budget.by_source["127.0.0.1"]) == 1
+    assert sum(len(p) for p in budget.by_source.values()) == 100
+
+
+def test_a_real_client_evicts_from_the_largest_source() -> None:
+    budget = NegotiationBudget()
+    small, big1, big2 = Fake("small"), Fake("big1"), Fake("big2")
+    budget.enter(small, "10.0.0.1", LIMITS)  # the oldest of all
+    budget.enter(big1, "10.0.0.2", LIMITS)
+    budget.enter(big2, "10.0.0.2", LIMITS)
+    budget.enter(Fake("other"), "10.0.0.3", LIMITS)
+    new = Fake("new")
+    budget.enter(new, "10.0.0.4", LIMITS)
+    assert big1.evicted and "from 10.0.0.2, the most of any source" in big1.evicted
+    assert small.evicted is None and big2.evicted is None
+
+
+def test_an_ipv6_64_is_one_source_and_ipv4_mapped_is_its_ipv4_address() -> None:
+    assert source_of("2001:db8:1:2:aaaa::1") == source_of("2001:db8:1:2:ffff::9") \
+        == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:127.0.0.7") == "127.0.0.7"  # not ::/64, every IPv4 client's
+    assert source_of("::ffff:127.0.0.7") != source_of("::ffff:127.0.0.8")
+    assert source_of("fe80::1%eth0") == "fe80::/64"
+    assert source_of("127.0.0.1") == "127.0.0.1"
+    budget = NegotiationBudget()
+    fakes = [Fake(f"v6-{i}") for i in range(3)]
+    for i, fake in enumerate(fakes):  # three addresses of one /64: the per-source cap holds
+        budget.enter(fake, f"2001:db8::{i + 1}", LIMITS)
+    assert fakes[0].evicted and "per-source cap 2" in fakes[0].evicted
