@@ -64,6 +64,7 @@ def test_pg_terminate_backend_is_backend_closed(start_proxy: Callable[..., Proxy
                "WHERE application_name = 'to_terminate'")
         with pytest.raises(psycopg.OperationalError):  # its 57P01, then the close
             conn.execute("SELECT 1")
+        conn.close()  # libpq may have read the FATAL and not yet the EOF after it
         proxy.wait_metric("dwsproxy_sessions_ended_total", 1, end="backend_closed")
         proxy.wait_log("end=backend_closed")
         assert ended(proxy, "client_closed") == 0
@@ -289,7 +290,7 @@ def test_an_unreadable_forged_certificate_does_not_stop_a_reload(
     proxy = start_proxy(tls={"ssl_ca_file": str(cas.bundle), "clientcert": "verify-ca"},
                         listen={"workers": workers})
     if workers > 1:
-        proxy.wait_log("worker 1 (pid")
+        proxy.wait_log("worker 1 started")
     doomed = [cas.connect(proxy, n) for n in ("evil", "dropped") * 3]
     kept = [cas.connect(proxy, "kept") for _ in range(4)]
     try:
