@@ -164,6 +164,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ReloadConfig:
+    watch: bool = True  # reload when the config or a file it names changes (runtime/watcher.py)
+    watch_interval: float = 2.0  # seconds between looks; a change must be this old to count
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     listen: ListenConfig
@@ -171,6 +177,7 @@ class Config:
     tls: TlsConfig
     rules: tuple[Rule, ...]
     metrics: MetricsConfig
+    reload: ReloadConfig = ReloadConfig()
 
     @property
     def cert_requested(self) -> bool:
@@ -289,6 +296,17 @@ _TLS = {
 _METRICS = {"host": _as_str, "port": _port, "admin": _as_bool}
 
 
+def _watch_interval(key: str, value: object) -> float:
+    # Below 0.1 s the looks themselves would cost; above an hour a renewal would wait too long.
+    seconds = _as_seconds(False)(key, value)
+    if not 0.1 <= seconds <= 3600:
+        raise ConfigError(key, f"{value} is out of range 0.1..3600 seconds")
+    return seconds
+
+
+_RELOAD = {"watch": _as_bool, "watch_interval": _watch_interval}
+
+
 def _rule_address_key(path: str, value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return _rule_address(path, _as_str(path, value))
 
@@ -317,6 +335,7 @@ SCHEMA: Mapping[str, Mapping[str, Callable[[str, object], Any]]] = {
     "tls": _TLS,
     "rules": _RULE,
     "metrics": _METRICS,
+    "reload": _RELOAD,
 }
 _PATH_KEYS = {
     "backend": ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
@@ -404,6 +423,7 @@ def parse(text: str, path: str) -> Config:
     backend = BackendConfig(**_section(raw, "backend", _BACKEND, base, BackendConfig()))
     tls = TlsConfig(**_section(raw, "tls", _TLS, base, TlsConfig()))
     metrics = MetricsConfig(**_section(raw, "metrics", _METRICS, base, MetricsConfig()))
+    reload = ReloadConfig(**_section(raw, "reload", _RELOAD, base, ReloadConfig()))
     raw_rules = raw.get("rules", [])
     if not isinstance(raw_rules, list):
         raise ConfigError("rules", "expected an array of tables ([[rules]])")
@@ -427,7 +447,7 @@ def parse(text: str, path: str) -> Config:
                           "the .cipher/.rand pair, not both")
     # require_ssl without ssl is accepted: the seed says it only has effect when ssl is on.
     cfg = Config(path=path, listen=listen, backend=backend, tls=tls,
-                 rules=rules, metrics=metrics)
+                 rules=rules, metrics=metrics, reload=reload)
     if cfg.cert_requested and not tls.ssl:
         raise ConfigError("tls.clientcert", "client certificates need tls.ssl = true")
     if cfg.cert_requested and not tls.ssl_ca_file:

@@ -29,6 +29,7 @@ from . import tcp
 from . import workers as workers_mod
 from .session import Session
 from .state import EVICT_SLACK, ServerState, now_rfc3339, raise_nofile
+from .watcher import Watcher
 from .workers import MAIN_PID_ENV, WORKER_SIGNALS, Workers
 
 if TYPE_CHECKING:
@@ -217,11 +218,14 @@ async def _watch_parent(stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _reload(state: ServerState[Session]) -> Loaded | None:
+async def _reload(state: ServerState[Session], trigger: str = "SIGHUP") -> Loaded | None:
     """Read and validate the file again, off the event loop; None when refused. Any failure
     is a refusal, counted and shown in /status: a ConfigError names its key, anything else
-    (EMFILE from memfd_create, MemoryError, a bug) is named as what it is."""
+    (EMFILE from memfd_create, MemoryError, a bug) is named as what it is. `trigger` (SIGHUP
+    or watch) and `seq`, which numbers the attempts, go to /status too: `dwsproxy reload`
+    waits for the first SIGHUP result after the one it saw."""
     old = state.config
+    seq = int(str(state.last_reload.get("seq") or 0)) + 1
     try:
         # Reading every named file (a large ssl_crl_dir), PBKDF2 for a key pair and building
         # X509 stores take long enough to stall every session of this process on the loop.
@@ -229,11 +233,14 @@ async def _reload(state: ServerState[Session]) -> Loaded | None:
     except Exception as exc:
         why = (f"config error: {exc}" if isinstance(exc, ConfigError)
                else f"{type(exc).__name__}: {exc}")
-        log.error("reload refused, the previous configuration stays in force: %s", why)
+        log.error("reload (%s) refused, the previous configuration stays in force: %s",
+                  trigger, why)
         metrics.reload_failed()
-        state.last_reload = {"result": "failure", "at": now_rfc3339(), "error": why}
+        state.last_reload = {"result": "failure", "at": now_rfc3339(), "error": why,
+                             "trigger": trigger, "seq": seq}
         return None
-    state.last_reload = {"result": "success", "at": now_rfc3339(), "error": None}
+    state.last_reload = {"result": "success", "at": now_rfc3339(), "error": None,
+                         "trigger": trigger, "seq": seq}
     new = loaded.config
     if (new.listen.host, new.listen.port, new.listen.workers, new.metrics) != (
             old.listen.host, old.listen.port, old.listen.workers, old.metrics):
@@ -272,6 +279,10 @@ class Reloader:
         self.task: asyncio.Task[None] | None = None
         self.again = False
         self.stopped = False
+        self.trigger = self.pending = "SIGHUP"
+        # The file watcher (main process): told before the files are read and after, so a
+        # change it saw is not reloaded twice and it follows the files the new config names.
+        self.watcher: Watcher | None = None
 
     def stop(self) -> None:
         """Shutdown began: no reload is started or pushed any more."""
@@ -279,22 +290,30 @@ class Reloader:
         if self.task is not None:
             self.task.cancel()
 
-    def request(self) -> None:
+    def request(self, trigger: str = "SIGHUP") -> None:
         if self.stopped:
             return
         if self.task is not None and not self.task.done():
+            # Coalesced requests keep a SIGHUP among them: `dwsproxy reload` waits for one.
+            if not self.again or trigger == "SIGHUP":
+                self.pending = trigger
             self.again = True
             return
         self.again = False
+        self.trigger = trigger
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             sdnotify.notify("RELOADING=1")
+            if self.watcher is not None:
+                self.watcher.reloading()
             try:
-                new = await _reload(self.state)
+                new = await _reload(self.state, self.trigger)
             finally:
                 sdnotify.notify("READY=1")  # systemd must never be left in RELOADING
+            if self.watcher is not None:
+                self.watcher.follow(self.state.loaded.snapshot)
             workers = self.workers()
             if new is not None and workers is not None:
                 try:
@@ -308,10 +327,11 @@ class Reloader:
                     metrics.reload_failed()
                     self.state.last_reload = {
                         "result": "failure", "at": now_rfc3339(),
-                        "error": f"not sent to the workers: {type(exc).__name__}: {exc}"}
+                        "error": f"not sent to the workers: {type(exc).__name__}: {exc}",
+                        "trigger": self.trigger, "seq": self.state.last_reload.get("seq")}
             if not self.again:
                 return
-            self.again = False
+            self.again, self.trigger = False, self.pending
 
 
 async def _worker_message(state: ServerState[Session],
@@ -420,7 +440,12 @@ async def serve(loaded: Loaded, *, worker: bool = False,
         if worker:
             log.info("SIGHUP ignored by a worker: the main process reloads and informs it")
             return
-        reloader.request()
+        reloader.request("SIGHUP")
+
+    if not worker:  # [reload] watch and watch_interval follow the configuration in force
+        reloader.watcher = Watcher(loaded.snapshot, lambda: state.config.reload,
+                                   lambda: reloader.request("watch"))
+        background.append(loop.create_task(reloader.watcher.run()))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

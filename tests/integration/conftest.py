@@ -99,6 +99,7 @@ class Proxy:
                  listen: dict[str, Any] | None = None, backend: dict[str, Any] | None = None,
                  rules: list[dict[str, Any]] | None = None, args: list[str] | None = None,
                  metrics: dict[str, Any] | None = None,
+                 reload: dict[str, Any] | None = None,
                  wrap: list[str] | None = None) -> None:
         """`wrap`: a command that runs the proxy, e.g. ["prlimit", "--nofile=256"]."""
         self.folder = folder
@@ -112,6 +113,7 @@ class Proxy:
             "tls": {"ssl_cert_file": str(pki / "server.crt"),
                     "ssl_key_file": str(pki / "server.key"), **(tls or {})},
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port, **(metrics or {})},
+            **({"reload": reload} if reload else {}),
         }
         text = ""
         for name, values in sections.items():

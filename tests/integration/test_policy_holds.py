@@ -259,8 +259,9 @@ def restart_a_worker(proxy: Proxy) -> None:
 
 def test_workers_never_read_an_unvalidated_file(start_proxy: Callable[..., Proxy],
                                                 pki3: Pki) -> None:
+    # watch = false: this is about what a worker runs when the main process did not reload.
     proxy = start_proxy(tls=pki3.tls(require_ssl=False, clientcert="none"),
-                        listen={"workers": 2})
+                        listen={"workers": 2}, reload={"watch": False})
     wait_both_listen(proxy)
     plain = f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres sslmode=disable"
     # An edit on disk without SIGHUP, then a worker restart: nothing may change.
