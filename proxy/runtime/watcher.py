@@ -15,8 +15,9 @@ Why a stat poll and not inotify (measured in benchmarks/watch_cost.py, README "R
   rename-over likewise replaces the inode the watch was on. Each is a race between re-arming
   and the next update; a missed event is a missed revocation.
 - `os.stat` follows the links on every look, so each of those updates is simply a new inode
-  (or size, mtime, ctime) at the next look, with nothing to re-arm. A configuration names a
-  handful of files: one look costs a few microseconds of CPU per file every 2 s.
+  (or size, mtime, ctime) at the next look, with nothing to re-arm: 9 of 9 such updates seen,
+  against 5 of 9 for inotify watches set once on the paths. A configuration names a handful
+  of files: 7.3 us of CPU per look over 8 files (0.3 s a day at the default 2 s).
 - inotify is not in Python's standard library (ctypes, or another dependency).
 
 When a change counts: a file written in place may be caught half written. A change is acted on
