@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,22 +32,38 @@ if TYPE_CHECKING:
 log = logging.getLogger("dwsproxy")
 
 
+class _Rfc3339:
+    """Log timestamps as RFC 3339 in UTC with milliseconds, `2026-12-06T09:40:52.370+00:00`:
+    a collector (Loki, ELK) reads the zone from the line instead of guessing it, so a host on
+    CST (+08:00, the usual zone of GaussDB(DWS) users) is not 8 hours off, and the logs agree
+    with /status, which prints UTC. The part up to the second is formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, created: float) -> str:
+        # Rounded to the microsecond first (as datetime does), then cut to the millisecond:
+        # 52.370 is the float 52.36999..., and must not print as .369.
+        second, micros = divmod(round(created * 1_000_000), 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
+
+
 class KeyValueFormatter(logging.Formatter):
     """key=value lines. A connection's line has ~16 fields and there is one per connection:
-    fields are written in one loop without a call per field for the common types, and the
-    timestamp is formatted once per second (it has no fraction)."""
+    fields are written in one loop without a call per field for the common types."""
 
-    _second = -1
-    _stamp = ""
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Rfc3339()
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second or datefmt is not None:
-            stamp = super().formatTime(record, datefmt or _TIME_FORMAT)
-            if datefmt is not None:
-                return stamp
-            self._second, self._stamp = second, stamp
-        return self._stamp
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        return self._stamp(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [self.formatTime(record), record.levelname.lower(), record.name,
@@ -68,9 +85,6 @@ class KeyValueFormatter(logging.Formatter):
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
-
-
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 # Anything a client could use to forge or garble a log line: spaces, quotes, '=', and every
@@ -99,9 +113,13 @@ def _kv(value: object) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _Rfc3339()
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": self.formatTime(record, _TIME_FORMAT),
+            "ts": self._stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

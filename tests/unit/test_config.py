@@ -244,7 +244,7 @@ def test_a_connection_line_writes_every_field_as_kv_would() -> None:
     """KeyValueFormatter's loop without a call per field says exactly what _kv says."""
     import enum
     import logging
-    import time
+    from datetime import UTC, datetime
 
     from proxy.cli import KeyValueFormatter, _kv
 
@@ -257,7 +257,11 @@ def test_a_connection_line_writes_every_field_as_kv_would() -> None:
     record = logging.LogRecord("dwsproxy.session", logging.INFO, "", 0, "connection closed",
                                (), None)
     record.fields = fields
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+
+    def rfc3339(created: float) -> str:
+        return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+    stamp = rfc3339(record.created)
     expected = (f"{stamp} info dwsproxy.session connection closed "
                 + " ".join(f"{k}={_kv(v)}" for k, v in fields.items()))
     formatter = KeyValueFormatter()
@@ -265,8 +269,7 @@ def test_a_connection_line_writes_every_field_as_kv_would() -> None:
     assert formatter.format(record) == expected  # the cached timestamp
     later = logging.LogRecord("dwsproxy", logging.WARNING, "", 0, "m", (), None)
     later.created = record.created + 1
-    assert formatter.format(later) == time.strftime(
-        "%Y-%m-%dT%H:%M:%S", time.localtime(later.created)) + " warning dwsproxy m"
+    assert formatter.format(later) == rfc3339(later.created) + " warning dwsproxy m"
 
 
 def test_two_crls_of_one_issuer_give_one_gauge_fact(bundle: Path) -> None:
