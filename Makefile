@@ -27,8 +27,9 @@ $(NODE_STAMP): $(NODE)/package.json $(NODE)/package-lock.json
 
 setup: system-deps $(STAMP) $(NODE_STAMP)
 
+# DEMO_ARGS: e.g. --port 6433 --metrics-port 9188 when another proxy holds the defaults
 demo: setup
-	$(PY) -m proxy demo --dir demo
+	$(PY) -m proxy demo --dir demo $(DEMO_ARGS)
 
 # pytest exits 5 when it collected nothing: say so and fail, never pass as green.
 test: setup

@@ -2,8 +2,9 @@
 
 Owns: `dwsproxy --config FILE`, `--version`, `check-config`, `reload`, `certs …`, `probe` and
 `demo`; choosing uvloop; setting PROMETHEUS_MULTIPROC_DIR before prometheus-client is imported.
-Exit status 2 for a config or usage error, 1 for a runtime failure (cannot listen), 0 otherwise
-(`probe` has its own: 1 for a failed --expect, 2 for an unreachable server).
+One exit-status convention for every subcommand (README "Exit status"): 0 ok, 1 a check found a
+difference (`probe --expect`, a demo cell unlike Table 3), 2 an error (a config or usage error,
+cannot listen, cannot reach the proxy, a refused reload).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .tls.loader import Loaded
 
 log = logging.getLogger("dwsproxy")
+
+EXIT_OK, EXIT_DIFFERENCE, EXIT_ERROR = 0, 1, 2
 
 
 class _Rfc3339:
@@ -201,8 +204,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         worker_argv = ["--config", cfg.path, "--log-level", args.log_level,
                        "--log-format", args.log_format]
-        return _run(lambda: server.serve(loaded, worker=args.worker, worker_argv=worker_argv,
-                                         control=control))
+        status = _run(lambda: server.serve(loaded, worker=args.worker,
+                                           worker_argv=worker_argv, control=control))
+        return EXIT_ERROR if status else EXIT_OK  # cannot listen, workers did not stop
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
@@ -310,14 +314,65 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _get_json(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP, then wait for that reload's result in /status: 0 applied, 2 refused (with the
+    refused key's line) or unknown."""
+    import urllib.error
+
+    url = f"{_view_url(args)}/status"
     try:
-        pid = int(Path(args.pid_file).read_text().strip())
+        before = _get_json(url)
+        status_error = ""
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        before, status_error = {}, str(getattr(exc, "reason", exc))
+    try:
+        if args.pid_file:
+            pid = int(Path(args.pid_file).read_text().strip())
+        elif before:
+            pid = int(before["workers"][0]["pid"])  # the main process answers first
+        else:
+            print(f"reload: cannot read {url}: {status_error}; give --pid-file",
+                  file=sys.stderr)
+            return 2
         os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        print(f"reload: cannot signal the process in {args.pid_file}: {exc}", file=sys.stderr)
-        return 1
-    print(f"reload: sent SIGHUP to {pid}")
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        where = args.pid_file or url
+        print(f"reload: cannot signal the process in {where}: {exc}", file=sys.stderr)
+        return 2
+    if not before:
+        print(f"reload: sent SIGHUP to {pid}, but its result cannot be read at {url}: "
+              f"{status_error}", file=sys.stderr)
+        return 2
+    seq = int(before.get("reload", {}).get("seq") or 0)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            reload = _get_json(url).get("reload", {})
+        except (urllib.error.URLError, OSError, ValueError):
+            reload = {}
+        # The first reload after ours that SIGHUP made (the file watcher may reload too).
+        if int(reload.get("seq") or 0) > seq and reload.get("trigger") == "SIGHUP":
+            break
+        if int(reload.get("seq") or 0) > seq:
+            seq = int(reload["seq"])
+        if time.monotonic() > deadline:
+            print(f"reload: sent SIGHUP to {pid}; no result in {url} after {args.timeout:g}s",
+                  file=sys.stderr)
+            return 2
+        time.sleep(0.1)
+    if reload.get("result") != "success":
+        print(f"reload refused, the previous configuration stays in force: config error: "
+              f"{reload.get('error')}", file=sys.stderr)
+        return 2
+    print(f"reload: applied by {pid} at {reload.get('at')}")
     return 0
 
 
@@ -400,8 +455,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file")
-    reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP)")
-    reload.add_argument("--pid-file", dest="pid_file", required=True)
+    reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP) and wait "
+                            "for the result: exit 0 applied, 2 refused")
+    reload.add_argument("--pid-file", dest="pid_file", default="",
+                        help="the proxy's --pid-file (default: the pid /status gives)")
+    reload.add_argument("--config", dest="view_config", default="",
+                        help="read the listener of /status from this config file")
+    reload.add_argument("--url", default="", help="the listener of /status, e.g. "
+                        "http://127.0.0.1:9187 (default: from --config, else that)")
+    reload.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for the result (default 60)")
 
     for name, what in (("sessions", "list the open client connections (every worker)"),
                        ("status", "the configuration in force, workers, policy, certificates")):
@@ -423,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
     demo.add_argument("--no-wait", action="store_true",
                       help="print Table 3 and exit instead of serving until Ctrl-C")
-    demo.add_argument("--port", type=int, default=6432)
+    demo.add_argument("--port", type=int, default=6432, help="the proxy left up (default 6432)")
+    demo.add_argument("--metrics-port", type=int, default=9187,
+                      help="its metrics listener (default 9187)")
     return parser
 
 

@@ -445,7 +445,14 @@ def parse(text: str, path: str) -> Config:
     if tls.ssl_passphrase_file and tls.ssl_key_cipher_file:
         raise ConfigError("tls.ssl_key_cipher_file", "give either tls.ssl_passphrase_file or "
                           "the .cipher/.rand pair, not both")
-    # require_ssl without ssl is accepted: the seed says it only has effect when ssl is on.
+    _check_listen(listen)
+    if tls.require_ssl and not tls.ssl:
+        # The seed gives require_ssl effect only when ssl is on; written together with ssl off
+        # it reads as a policy the proxy would not enforce (plaintext would still be served),
+        # so it is refused rather than silently ignored (the third round's contract).
+        raise ConfigError("tls.require_ssl", "true needs tls.ssl = true: with ssl off every "
+                          "SSLRequest is answered N and sessions are plaintext; set "
+                          "require_ssl = false, or ssl = true")
     cfg = Config(path=path, listen=listen, backend=backend, tls=tls,
                  rules=rules, metrics=metrics, reload=reload)
     if cfg.cert_requested and not tls.ssl:
@@ -462,6 +469,18 @@ def parse(text: str, path: str) -> Config:
                 raise ConfigError(f"rules[{rule.index}].ssl_protocols",
                                   f"{proto} is outside tls.ssl_min/max_protocol_version")
     return cfg
+
+
+def _check_listen(listen: ListenConfig) -> None:
+    """What getaddrinfo would take or refuse only at start: one address or name, no list, no
+    socket folder."""
+    host = listen.host
+    if "," in host or any(c.isspace() for c in host):
+        raise ConfigError("listen.host", f"{host!r} is a list: the proxy listens on one address "
+                          "(\"::\" takes IPv6 and, where the system allows, IPv4 too)")
+    if host.startswith("/"):
+        raise ConfigError("listen.host", f"{host!r} is a folder, not an address: a Unix "
+                          "socket's folder is listen.unix_socket_dir")
 
 
 def _check_backend(b: BackendConfig) -> None:

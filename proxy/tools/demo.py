@@ -151,6 +151,30 @@ port = {metrics_port}
     return path
 
 
+class DemoError(Exception):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+def port_taken(port: int) -> str | None:
+    """Why 127.0.0.1:`port` cannot be listened on, or None when it can. A port another program
+    listens on would answer the demo's own connect test, so it is bound here first."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _last_error(log: Path | None) -> str:
+    if log is None or not log.exists():
+        return "see its output"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines()
+             if " error " in ln or "config error" in ln]
+    return lines[-1] if lines else f"see {log}"
+
+
 @contextlib.contextmanager
 def running_proxy(config: Path, port: int, log: Path | None = None) -> Iterator[
         subprocess.Popen[bytes]]:
@@ -158,7 +182,23 @@ def running_proxy(config: Path, port: int, log: Path | None = None) -> Iterator[
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--config", str(config)],
                             stdout=out, stderr=out)
     try:
-        wait_port(port)
+        # Up means this process listens: a proxy that exited (cannot bind, bad config) is an
+        # error, whatever else may answer on the port.
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise DemoError(f"the proxy on 127.0.0.1:{port} exited with status "
+                                f"{proc.returncode}: {_last_error(log)}")
+            if log is None or f"(pid {proc.pid})" in log.read_text(errors="replace"):
+                try:
+                    wait_port(port, 0.5)
+                    break
+                except TimeoutError:
+                    pass
+            if time.monotonic() > deadline:
+                raise DemoError(f"the proxy did not listen on 127.0.0.1:{port} in 15s: "
+                                f"{_last_error(log)}")
+            time.sleep(0.05)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -191,8 +231,24 @@ def psql_try(port: int, sslmode: str, rootcert: Path) -> tuple[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     from . import certs as certs_mod
 
+    if not args.no_wait:  # the fixed ports of the proxy left up: say so now, not at the end
+        for port, option in ((args.port, "--port"), (args.metrics_port, "--metrics-port")):
+            why = port_taken(port)
+            if why is not None:
+                raise DemoError(
+                    f"cannot listen on 127.0.0.1:{port}: {why}. Another dwsproxy or demo may "
+                    f"be running; choose another port with {option} "
+                    f"(make demo DEMO_ARGS='{option} {port + 1}')")
     work = Path(args.dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     certs = work / "certs"
@@ -208,25 +264,28 @@ def main(args: argparse.Namespace) -> int:
         print("\nTable 3, observed live with psql (libpq) through dwsproxy:\n")
         print(f"{'ssl':<4} {'require_ssl':<12} {'sslmode':<12} {'observed':<10} details")
         print("-" * 100)
-        for ssl_on in (True, False):
-            for require in (True, False):
-                port = free_port()
-                cfg = write_config(work / "table3.toml", port=port, backend_port=pg.port,
-                                   certs=certs, ssl=ssl_on, require_ssl=require)
-                with running_proxy(cfg, port, work / "proxy.log"):
-                    for mode in SSLMODES:
-                        result, text = psql_try(port, mode, certs / "cacert.pem")
-                        want = expected(ssl_on, require, mode)
-                        mark = "ok" if result == want else f"MISMATCH (want {want})"
-                        failures += result != want
-                        rows.append((ssl_on, require, mode, result))
-                        print(f"{'on' if ssl_on else 'off':<4} {'on' if require else 'off':<12} "
-                              f"{mode:<12} {result:<10} {mark}  {text[:90]}")
+        # ssl off with require_ssl on is refused by check-config (the seed's "off | any" rows
+        # are the same with either value): three proxies, 18 cells.
+        for ssl_on, require in ((True, True), (True, False), (False, False)):
+            port = free_port()
+            cfg = write_config(work / "table3.toml", port=port, backend_port=pg.port,
+                               certs=certs, ssl=ssl_on, require_ssl=require)
+            with running_proxy(cfg, port, work / "proxy.log"):
+                for mode in SSLMODES:
+                    result, text = psql_try(port, mode, certs / "cacert.pem")
+                    want = expected(ssl_on, require, mode)
+                    mark = "ok" if result == want else f"MISMATCH (want {want})"
+                    failures += result != want
+                    rows.append((ssl_on, require, mode, result))
+                    print(f"{'on' if ssl_on else 'off':<4} "
+                          f"{('on' if require else 'off') if ssl_on else 'any':<12} "
+                          f"{mode:<12} {result:<10} {mark}  {text[:90]}")
         print("-" * 100)
         print(f"{len(rows) - failures}/{len(rows)} cells as the seed's Table 3 says")
         failures += not second_hop(work, certs)
         # --no-wait (tests, CI) must not take the fixed ports a person's demo would
-        port, metrics_port = (free_port(), free_port()) if args.no_wait else (args.port, 9187)
+        port, metrics_port = ((free_port(), free_port()) if args.no_wait
+                              else (args.port, args.metrics_port))
         cfg = write_config(work / "dwsproxy.toml", port=port, backend_port=pg.port,
                            certs=certs, ssl=True, require_ssl=True, metrics_port=metrics_port)
         with running_proxy(cfg, port, work / "proxy.log") as proc:
@@ -234,7 +293,7 @@ def main(args: argparse.Namespace) -> int:
             if args.no_wait:
                 return 1 if failures else 0
             print(f"\ndwsproxy is up with require_ssl = true on 127.0.0.1:{args.port} "
-                  f"(metrics: http://127.0.0.1:9187/metrics). Try:\n"
+                  f"(metrics: http://127.0.0.1:{metrics_port}/metrics). Try:\n"
                   f"  psql \"host=localhost port={args.port} user=postgres dbname=postgres "
                   f"sslmode=verify-full sslrootcert={certs / 'cacert.pem'}\"\n"
                   f"Ctrl-C stops the proxy and the throwaway PostgreSQL.")
