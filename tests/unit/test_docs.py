@@ -174,3 +174,47 @@ def test_refusal_messages_in_the_quick_starts_are_the_proxys_own_english_ones() 
         assert messages, page
         for message in messages:
             assert message in source, f"{page}: {message!r} is not a message the proxy sends"
+
+
+# --- the example config ----------------------------------------------------------------------
+
+_EXAMPLE = ROOT / "config" / "dwsproxy.toml"
+_EXAMPLE_HEADER = re.compile(r"^(?:#\s*)?\[{1,2}(\w+)\]{1,2}")
+_EXAMPLE_KEY = re.compile(r"^(#\s*)?(\w+)\s*=\s*(.*)$")
+
+
+def example_keys() -> dict[str, dict[str, bool]]:
+    """section -> key -> whether some line setting it (active, or commented out as an example)
+    explains it: a comment after the value, or a comment line just above."""
+    out: dict[str, dict[str, bool]] = {}
+    section: str | None = None
+    previous = ""
+    for line in _EXAMPLE.read_text().splitlines():
+        stripped = line.strip()
+        header = _EXAMPLE_HEADER.match(stripped)
+        key = _EXAMPLE_KEY.match(stripped)
+        if header:
+            section = header.group(1)
+        elif key and section is not None:
+            explained = bool(re.search(r"\s#", key.group(3))) or (
+                previous.startswith("#") and not _EXAMPLE_KEY.match(previous))
+            seen = out.setdefault(section, {})
+            seen[key.group(2)] = seen.get(key.group(2), False) or explained
+        previous = stripped
+    return out
+
+
+def test_the_example_config_has_every_key_commented() -> None:
+    """config/dwsproxy.toml shows every key of config.SCHEMA with a comment (the README says
+    so): a key added to the schema without an example fails here."""
+    example = example_keys()
+    for section, keys in config.SCHEMA.items():
+        shown = example.get(section, {})
+        missing = set(keys) - set(shown)
+        assert not missing, f"[{section}] keys missing from config/dwsproxy.toml: {missing}"
+        bare = sorted(k for k in keys if not shown[k])
+        assert not bare, f"[{section}] keys in config/dwsproxy.toml without a comment: {bare}"
+    for section, keys in example.items():
+        assert section in config.SCHEMA, f"config/dwsproxy.toml: unknown section {section}"
+        unknown = set(keys) - set(config.SCHEMA[section])
+        assert not unknown, f"config/dwsproxy.toml [{section}]: unknown keys {unknown}"
