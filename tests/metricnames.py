@@ -15,8 +15,9 @@ def declared_metrics() -> dict[str, str]:
         if isinstance(value, MetricWrapperBase):
             for family in value.describe():
                 out[family.name + ("_total" if family.type == "counter" else "")] = family.type
-    for family in metrics.TLS_FACTS.collect():
-        out[family.name] = family.type
+    for collector in (metrics.TLS_FACTS, metrics.INFO):
+        for family in collector.collect():
+            out[family.name] = family.type
     return out
 
 

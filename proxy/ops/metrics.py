@@ -132,6 +132,43 @@ class _TlsFacts:
 
 
 TLS_FACTS = _TlsFacts()
+
+
+class _Info:
+    """dwsproxy_build_info and dwsproxy_config_info, read at scrape time in the serving process
+    like the TLS facts: one series each, whatever the number of workers, and the replaced
+    configuration's series gone with it. `count by (sha256) (dwsproxy_config_info)` across
+    replicas is the fleet's "synchronized"."""
+
+    def __init__(self) -> None:
+        self.config_sha256 = ""
+        self._build: tuple[str, str, str] | None = None
+
+    def build(self) -> tuple[str, str, str]:
+        if self._build is None:  # importlib.metadata only when first scraped (admin.version)
+            import platform
+            import ssl
+
+            from .admin import version
+
+            self._build = (version(), platform.python_version(), ssl.OPENSSL_VERSION)
+        return self._build
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        build = GaugeMetricFamily("dwsproxy_build_info", "The running dwsproxy's version, "
+                                  "Python and OpenSSL (value 1).",
+                                  labels=["version", "python", "openssl"])
+        build.add_metric(list(self.build()), 1)
+        yield build
+        config = GaugeMetricFamily("dwsproxy_config_info", "The configuration in force: sha256 "
+                                   "of its file and every file it names (value 1).",
+                                   labels=["sha256"])
+        if self.config_sha256:
+            config.add_metric([self.config_sha256], 1)
+        yield config
+
+
+INFO = _Info()
 RELOADS = Counter("dwsproxy_config_reloads_total", "Configuration reloads.", ["result"])
 LAST_RELOAD_SUCCESS = Gauge(
     "dwsproxy_config_last_reload_success_timestamp_seconds",
@@ -213,6 +250,7 @@ def config_loaded(loaded: Loaded, *, reload: bool) -> None:
     """Point the certificate/CRL gauges at a newly loaded config; count a reload."""
     TLS_FACTS.server_tls = loaded.server_tls
     TLS_FACTS.backend_tls = loaded.backend_tls
+    INFO.config_sha256 = loaded.snapshot.sha256
     if reload:
         RELOADS.labels("success").inc()
     LAST_RELOAD_SUCCESS.set(time.time())
@@ -232,6 +270,7 @@ def registry() -> CollectorRegistry:
     else:
         reg = REGISTRY
     reg.register(TLS_FACTS)  # type: ignore[arg-type,unused-ignore]
+    reg.register(INFO)  # type: ignore[arg-type,unused-ignore]
     return reg
 
 
