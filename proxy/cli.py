@@ -322,11 +322,27 @@ def _get_json(url: str) -> dict[str, Any]:
     return doc
 
 
+def _config_of_pid(pid_file: str) -> str:
+    """The --config FILE a running proxy was started with (Linux /proc), absolute; "" when it
+    cannot be read (the caller then says what it could not do)."""
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        value = argv[argv.index(b"--config") + 1].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
+    return os.path.join(cwd, value)
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """SIGHUP, then wait for that reload's result in /status: 0 applied, 2 refused (with the
     refused key's line) or unknown."""
     import urllib.error
 
+    if args.pid_file and not args.url and not args.view_config:
+        # The proxy's own --config, from its command line: where its /status is.
+        args.view_config = _config_of_pid(args.pid_file)
     url = f"{_view_url(args)}/status"
     try:
         before = _get_json(url)
@@ -458,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="ask a running proxy to reload (SIGHUP) and wait "
                             "for the result: exit 0 applied, 2 refused")
     reload.add_argument("--pid-file", dest="pid_file", default="",
-                        help="the proxy's --pid-file (default: the pid /status gives)")
+                        help="the proxy's --pid-file (default: the pid /status gives); "
+                        "/status is then found from that process's --config")
     reload.add_argument("--config", dest="view_config", default="",
                         help="read the listener of /status from this config file")
     reload.add_argument("--url", default="", help="the listener of /status, e.g. "

@@ -114,6 +114,10 @@ def test_reload_exits_0_when_applied_and_2_with_the_key_when_refused(
     again = dwsproxy("reload", "--url", url)
     assert again.returncode == 0, again.stderr
     assert proxy.metric("dwsproxy_config_reloads_total", result="success") == 2
+    # Only --pid-file, as before: /status is found from the process's own --config.
+    alone = dwsproxy("reload", "--pid-file", str(proxy.pid_file))
+    assert alone.returncode == 0, alone.stderr
+    assert proxy.metric("dwsproxy_config_reloads_total", result="success") == 3
 
 
 # -- make demo: a port it cannot take --------------------------------------------------------
