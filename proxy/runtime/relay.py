@@ -94,11 +94,13 @@ class Endpoint(asyncio.Protocol):
         self.violation: tuple[str, str] | None = None
         # (order, "closed" | "reset"): when and how this side's peer first ended the
         # connection; the lower order of the two sides says who ended a session
-        self.ended: tuple[int, str] | None = None
+        # and the tail of what the other side last sent by then (Session._ended_by)
+        self.ended: tuple[int, str, bytes] | None = None
 
     def _mark_end(self, how: str) -> None:
         if self.ended is None:
-            self.ended = (next(_END_ORDER), how)
+            peer = self.peer
+            self.ended = (next(_END_ORDER), how, peer.last if peer is not None else b"")
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -637,6 +639,7 @@ class TlsEndpoint(Endpoint):
             peer = self.peer
             if peer is not None:
                 self.received += len(chunk)
+                self.last = chunk[-6:]
                 peer.transport.write(chunk)  # type: ignore[union-attr]
             else:
                 Endpoint.data_received(self, chunk)

@@ -788,6 +788,10 @@ class Session:
             return "terminated"  # a flood on either hop (relay.py, backend_tls.py)
         client, backend = _side_end(self.client), _side_end(self.backend)
         if backend is not None and (client is None or backend[0] < client[0]):
+            if backend[2].endswith(_TERMINATE):
+                # The client had said goodbye (Terminate) and the backend closed for it,
+                # before the client's own close reached the proxy: the client ended it.
+                return "client_closed"
             return f"backend_{backend[1]}"
         if client is not None:
             return f"client_{client[1]}"
@@ -838,7 +842,7 @@ class Session:
         log.log(level, "connection closed", extra={"fields": fields})
 
 
-def _side_end(side: Endpoint | None) -> tuple[int, str] | None:
+def _side_end(side: Endpoint | None) -> tuple[int, str, bytes] | None:
     return side.ended if side is not None else None
 
 
@@ -873,6 +877,7 @@ def _rfc3339(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
+_TERMINATE = b"X\x00\x00\x00\x04"  # the client's Terminate message
 TERMINATE_WAIT = 3.0  # seconds a terminated session may take to reach a message boundary
 _READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 

@@ -238,3 +238,25 @@ def test_a_session_keeps_its_state_in_slots_not_a_dict() -> None:
     # measured with benchmarks/run --tests idle_1000_rss).
     assert "__dict__" not in Session.__dict__  # a class without __slots__ has one here
     assert "terminating" in Session.__slots__
+
+
+@pytest.mark.parametrize(("client_end", "backend_end", "expected"), [
+    ((1, "closed", b""), (2, "closed", b""), "client_closed"),
+    ((2, "closed", b""), (1, "closed", b""), "backend_closed"),
+    ((2, "closed", b""), (1, "reset", b""), "backend_reset"),
+    ((1, "reset", b""), None, "client_reset"),
+    # the backend closed first, but for the client's Terminate: the client ended it
+    ((2, "closed", b""), (1, "closed", b"Q\x00X\x00\x00\x00\x04"), "client_closed"),
+])
+def test_who_ended_a_session_is_read_off_the_order_of_its_sides(
+        client_end: Any, backend_end: Any, expected: str) -> None:
+    from proxy.runtime import relay
+
+    async def main() -> str:
+        session = Session.__new__(Session)
+        session.client, session.backend = relay.Endpoint(), relay.Endpoint()
+        session.client.ended, session.backend.ended = client_end, backend_end
+        session.end = None
+        return session._ended_by()
+
+    assert run_uvloop(main()) == expected
