@@ -498,7 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="libpq connection string or URI (PG* variables fill the rest)")
     probe.add_argument("--json", action="store_true", help="one JSON object")
     probe.add_argument("--expect", action="append", metavar="KEY=VALUE",
-                       help="exit 1 unless ssl, require_ssl, client_cert or min_tls is VALUE")
+                       help="exit 1 unless ssl, require_ssl, client_cert or min_tls is VALUE; "
+                       "makes only the connections these keys need")
+    probe.add_argument("--full", action="store_true",
+                       help="with --expect: still probe every TLS fact (suite enumeration)")
+    probe.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="deadline for the whole probe (default 60)")
     demo = sub.add_parser("demo", help="throwaway PostgreSQL + proxy + a live Table 3")
     demo.add_argument("--dir", default="demo", help="work directory (default ./demo)")
     demo.add_argument("--no-wait", action="store_true",

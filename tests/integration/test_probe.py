@@ -25,10 +25,14 @@ from proxy.tools import certs
 from proxy.tools.demo import SSLMODES, TempPostgres, free_port, wait_port
 
 PG_HBA = """local all all trust
-hostssl all carol 127.0.0.1/32 scram-sha-256
+hostssl all carol,dora,erin 127.0.0.1/32 scram-sha-256
 hostssl all all 127.0.0.1/32 trust
 hostnossl all all 127.0.0.1/32 reject
 """
+
+
+NON_ASCII_PASSWORD = "s\u00e9same\u00a0ouvre-toi \u2168\u00ad"
+PGPASS_PASSWORD = "pa:ss\\wd*"
 
 
 def pgbouncer_binary() -> str | None:
@@ -72,6 +76,10 @@ def tls_postgres(pki: Path) -> Iterator[TempPostgres]:
         "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"))
     server.start()
     server.sql("CREATE ROLE carol LOGIN PASSWORD 'sesame'")
+    # SASLprep (RFC 4013) maps these: U+00A0 to a space, U+2168 to "IX", U+00AD to nothing;
+    # the server stores the verifier of the prepared password, libpq prepares what it sends
+    server.sql(f"CREATE ROLE dora LOGIN PASSWORD '{NON_ASCII_PASSWORD}'")
+    server.sql(f"CREATE ROLE erin LOGIN PASSWORD '{PGPASS_PASSWORD}'")
     yield server
     server.stop()
 
@@ -346,3 +354,262 @@ def test_encrypted_bundle_round_trips_through_the_pair(pki: Path, tmp_path: Path
     assert key.public_key() == cert.public_key() == pk8.public_key()
     assert "CN=alice" in cert.subject.rfc4514_string()
     assert "encrypted" in (tmp_path / "README.txt").read_text()
+
+
+# -- third round: libpq's connection rules, SASLprep, verify-full on IP hosts, a quiet probe ----
+
+def cells_of(report: dict[str, Any]) -> list[str]:
+    return [c["result"] for c in report["cells"]]
+
+
+def psql_cells(conninfo: str, env: dict[str, str] | None = None) -> list[str]:
+    return [psql_result(conninfo, mode, env)[0] for mode in SSLMODES]
+
+
+@pytest.mark.parametrize("binding", ["prefer", "require", "disable"])
+def test_non_ascii_password_goes_through_saslprep_as_psql(tls_postgres: TempPostgres,
+                                                          pki: Path, binding: str) -> None:
+    conninfo = (conninfo_for(tls_postgres.port, pki).replace("user=postgres", "user=dora")
+                + f" channel_binding={binding}")
+    env = clean_env(PGPASSWORD=NON_ASCII_PASSWORD)
+    report = probe_json(conninfo, env=env)
+    assert cells_of(report) == psql_cells(conninfo, env) == ["refused"] + ["tls"] * 5
+    assert report["cells"][3]["detail"] == "connected"
+    # the password as typed, not prepared, is what a client without SASLprep would send
+    wrong = clean_env(PGPASSWORD=NON_ASCII_PASSWORD.replace("\u2168", "IX!"))
+    assert cells_of(probe_json(conninfo, env=wrong)) == ["refused"] * 6
+
+
+def test_channel_binding_require_without_tls_as_psql(pg: TempPostgres) -> None:
+    """PGCHANNELBINDING is one of the PG* variables libpq reads: with trust and no TLS, psql
+    refuses every sslmode ("channel binding required, but server authenticated client
+    without channel binding")."""
+    conninfo = f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres"
+    env = clean_env(PGCHANNELBINDING="require")
+    report = probe_json(conninfo, env=env)
+    assert cells_of(report) == psql_cells(conninfo, env) == ["refused"] * 6
+    assert "channel binding required" in report["cells"][0]["detail"]
+
+
+def test_pgpass_escapes_as_psql(tls_postgres: TempPostgres, pki: Path, tmp_path: Path) -> None:
+    conninfo = conninfo_for(tls_postgres.port, pki).replace("user=postgres", "user=erin")
+    escaped = PGPASS_PASSWORD.replace("\\", "\\\\").replace(":", "\\:")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"# a comment\nlocalhost:{tls_postgres.port}:postgres:carol:no\n"
+                        f"*:{tls_postgres.port}:*:erin:{escaped}\n")
+    passfile.chmod(0o600)
+    env = clean_env(HOME=str(tmp_path), PGPASSFILE=str(passfile))
+    report = probe_json(conninfo, env=env)
+    assert cells_of(report) == psql_cells(conninfo, env) == ["refused"] + ["tls"] * 5
+    assert report["cells"][3]["detail"] == "connected"
+    passfile.chmod(0o644)  # libpq ignores a file others can read: no password at all then
+    report = probe_json(conninfo, env=env)
+    assert report["cells"][3]["detail"].endswith("no password given)")
+    assert psql_result(conninfo, "require", env)[0] == "refused"
+
+
+@pytest.mark.parametrize("how", ["service=", "PGSERVICE", "PGSYSCONFDIR"])
+def test_service_file_reaches_the_server_psql_reaches(pg: TempPostgres, tmp_path: Path,
+                                                      how: str) -> None:
+    text = (f"[probe_svc]\nhost=127.0.0.1\nport={pg.port}\nuser=postgres\n"
+            "dbname=postgres\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(HOME=str(home))
+    if how == "PGSYSCONFDIR":
+        (tmp_path / "pg_service.conf").write_text(text)
+        env["PGSYSCONFDIR"] = str(tmp_path)
+    else:
+        (tmp_path / "services").write_text(text)
+        env["PGSERVICEFILE"] = str(tmp_path / "services")
+    conninfo = "service=probe_svc"
+    if how != "service=":
+        env["PGSERVICE"] = "probe_svc"
+        conninfo = ""
+    report = probe_json(conninfo, env=env)
+    assert report["server"] == f"127.0.0.1:{pg.port}"
+    assert cells_of(report) == psql_cells(conninfo, env) == ["plaintext"] * 3 + ["refused"] * 3
+
+
+def test_unknown_service_and_unknown_key_are_refused_as_psql(pg: TempPostgres,
+                                                            tmp_path: Path) -> None:
+    (tmp_path / "services").write_text("[other]\nhost=127.0.0.1\n")
+    env = clean_env(HOME=str(tmp_path), PGSERVICEFILE=str(tmp_path / "services"))
+    for conninfo, message in [
+            (f"hots=127.0.0.1 port={pg.port} user=postgres", 'invalid connection option "hots"'),
+            ("service=mydb", 'definition of service "mydb" not found')]:
+        proc = run_probe(conninfo, env=env)
+        assert proc.returncode == 2, (conninfo, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        assert proc.stderr.splitlines() == [f"probe: {message}"]
+        assert message in run_psql(conninfo, env=env).stderr
+
+
+def test_pg_variables_fill_what_conninfo_leaves_out(pg: TempPostgres) -> None:
+    env = clean_env(PGHOST="127.0.0.1", PGPORT=str(pg.port), PGUSER="alice",
+                    PGDATABASE="app", PGCONNECT_TIMEOUT="7")
+    report = probe_json("", env=env)
+    assert report["server"] == f"127.0.0.1:{pg.port}"
+    assert cells_of(report) == psql_cells("", env)
+    # psql's bare word is a database name
+    assert cells_of(probe_json("app", env=env)) == cells_of(report)
+
+
+def test_no_host_is_the_unix_socket_not_localhost() -> None:
+    proc = run_probe("user=postgres dbname=postgres")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("probe: host '(none: the Unix-domain socket)' is a "
+                                  "Unix-domain socket"), proc.stderr
+
+
+def test_every_host_of_a_list_is_probed(servers: dict[str, tuple[int, str, str]],
+                                        pg: TempPostgres, pki: Path) -> None:
+    on = servers["proxy-require_ssl"][0]
+    conninfo = (f"host=localhost,127.0.0.1 port={on},{pg.port} user=postgres dbname=postgres "
+                f"sslrootcert={pki / 'cacert.pem'} connect_timeout=10")
+    proc = run_probe(conninfo, "--json", "--expect", "require_ssl=on")
+    assert proc.returncode == 1, proc.stderr  # the second host has no TLS at all
+    assert proc.stderr.splitlines() == [
+        f"probe: 127.0.0.1:{pg.port}: expected require_ssl=on, got require_ssl=off"]
+    reports = json.loads(proc.stdout)["servers"]
+    assert [r["server"] for r in reports] == [f"localhost:{on}", f"127.0.0.1:{pg.port}"]
+    assert cells_of(reports[0]) == psql_cells(conninfo_for(on, pki))
+    assert cells_of(reports[1]) == psql_cells(
+        f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres "
+        f"sslrootcert={pki / 'cacert.pem'}")
+
+
+def _leaf(pki: Path, folder: Path, name: str, cn: str, sans: list[x509.GeneralName]
+          ) -> tuple[Path, Path]:
+    """A server certificate from the test CA with exactly these SANs (certs.issue would add
+    localhost/127.0.0.1/::1)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key = certs.load_ca(pki)
+    key = certs.new_key()
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                              critical=False))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    certs.write_certs(folder / f"{name}.crt", cert)
+    certs.write_key(folder / f"{name}.key", key)
+    return folder / f"{name}.crt", folder / f"{name}.key"
+
+
+def _ip(text: str) -> x509.GeneralName:
+    import ipaddress
+
+    return x509.IPAddress(ipaddress.ip_address(text))
+
+
+# name -> (CN, SANs); libpq 14+ checks an IP host against iPAddress SANs, a name against
+# dNSName SANs, each as a plain string too, and the CN only when no SAN of the host's kind
+VERIFY_FULL_CERTS: dict[str, tuple[str, list[x509.GeneralName]]] = {
+    "dns-localhost": ("localhost", [x509.DNSName("localhost")]),
+    "ip-only": ("db.invalid", [_ip("127.0.0.1")]),
+    "cn-ip-no-san": ("127.0.0.1", []),
+    "dns-holding-the-ip": ("db.invalid", [x509.DNSName("127.0.0.1")]),
+    "other-ip-and-cn": ("127.0.0.1", [_ip("127.0.0.2")]),
+    "other-ip-and-dns-localhost": ("db.invalid", [_ip("127.0.0.2"), x509.DNSName("localhost")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VERIFY_FULL_CERTS))
+def test_verify_full_names_and_ip_addresses_as_psql(start_proxy: Callable[..., Proxy],
+                                                    pki: Path, tmp_path: Path,
+                                                    name: str) -> None:
+    cn, sans = VERIFY_FULL_CERTS[name]
+    crt, key = _leaf(pki, tmp_path, name, cn, sans)
+    proxy = start_proxy(tls={"ssl_cert_file": str(crt), "ssl_key_file": str(key)})
+    seen = {}
+    for host in ("127.0.0.1", "localhost"):
+        conninfo = (f"host={host} port={proxy.port} user=postgres dbname=postgres "
+                    f"sslrootcert={pki / 'cacert.pem'} connect_timeout=10")
+        report = probe_json(conninfo)
+        cells = cells_of(report)
+        assert cells == psql_cells(conninfo), (name, host, report["cells"])
+        seen[host] = cells[-1]
+    # every certificate here makes one of the two hosts fail verify-full, or both pass
+    assert set(seen.values()) <= {"tls", "refused"}
+
+
+def test_application_name_in_a_real_server_log(tls_postgres: TempPostgres, pki: Path) -> None:
+    """Every session the probe opens names itself, as PostgreSQL's log_connections shows."""
+    import time
+
+    tls_postgres.sql("ALTER SYSTEM SET log_connections = on")
+    tls_postgres.sql("SELECT pg_reload_conf()")
+    try:
+        deadline = time.monotonic() + 10
+        while tls_postgres.sql("SHOW log_connections") != "on":  # the reload has landed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        offset = tls_postgres.log_path.stat().st_size
+        probe_json(conninfo_for(tls_postgres.port, pki))
+        with tls_postgres.log_path.open("rb") as f:
+            f.seek(offset)
+            log = f.read().decode(errors="replace")
+    finally:
+        tls_postgres.sql("ALTER SYSTEM RESET log_connections")
+        tls_postgres.sql("SELECT pg_reload_conf()")
+    authorized = [ln for ln in log.splitlines() if "connection authorized:" in ln]
+    assert len(authorized) >= 5, log[-2000:]  # allow..verify-full, versions, client_cert
+    assert all("application_name=dwsproxy-probe" in ln for ln in authorized), authorized
+
+
+def _rejections(proxy: Proxy) -> float:
+    return sum(v for (name, _), v in proxy.metrics().items()
+               if name == "dwsproxy_connections_rejected_total")
+
+
+def _settled(proxy: Proxy) -> None:
+    """Every session of the probe has ended (its outcome is counted when it ends)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        active = sum(v for (name, _), v in proxy.metrics().items()
+                     if name == "dwsproxy_active_connections")
+        if active == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the proxy still has sessions open")
+
+
+def test_an_expect_probe_is_quiet_on_the_proxy(start_proxy: Callable[..., Proxy], pki: Path,
+                                               tmp_path: Path) -> None:
+    """Counts what one cron probe (all four --expect keys) costs a require_ssl proxy, and runs
+    the promtool case of tests/unit/test_probe_alert.py with that count."""
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    import test_probe_alert as alert
+
+    proxy = start_proxy(tls={"ssl": True, "require_ssl": True})
+    conninfo = conninfo_for(proxy.port, pki)
+    _settled(proxy)
+    before = _rejections(proxy)
+    proc = run_probe(conninfo, "--expect", "ssl=on", "--expect", "require_ssl=on",
+                     "--expect", "client_cert=none", "--expect", "min_tls=TLSv1.2")
+    assert proc.returncode == 0, proc.stderr
+    _settled(proxy)
+    caused = int(_rejections(proxy) - before)
+    # disable and allow's first try (ssl_required), the TLS 1.0 and 1.1 tries (tls_version)
+    assert caused == alert.PROBE_EXPECT_REJECTIONS, caused
+    result = alert.run_promtool(alert.promtool_case(caused, tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # --full still enumerates the suites (and says so in the proxy's counters)
+    before = _rejections(proxy)
+    assert run_probe(conninfo, "--full", "--expect", "ssl=on").returncode == 0
+    _settled(proxy)
+    assert _rejections(proxy) - before > 20
