@@ -396,7 +396,8 @@ def test_pgpass_escapes_as_psql(tls_postgres: TempPostgres, pki: Path, tmp_path:
     escaped = PGPASS_PASSWORD.replace("\\", "\\\\").replace(":", "\\:")
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"# a comment\nlocalhost:{tls_postgres.port}:postgres:carol:no\n"
-                        f"*:{tls_postgres.port}:*:erin:{escaped}\n")
+                        # libpq ends the password at an unescaped ':'
+                        f"*:{tls_postgres.port}:*:erin:{escaped}:not-the-password\n")
     passfile.chmod(0o600)
     env = clean_env(HOME=str(tmp_path), PGPASSFILE=str(passfile))
     report = probe_json(conninfo, env=env)
