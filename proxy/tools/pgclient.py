@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import scramp
 
@@ -79,6 +79,16 @@ class Evidence:
                 self.foreign = answer
 
 
+def expired(evidence: Evidence, overall: float) -> NoReturn:
+    """A try met its deadline: the probe's own (--timeout) or the host's connect_timeout."""
+    with evidence.lock:
+        if time.monotonic() >= overall:
+            evidence.out_of_time = True
+        else:
+            evidence.silent = True
+    raise Silent("timeout expired")
+
+
 class Channel:
     """A socket, optionally upgraded to TLS with an `ssl.SSLObject` (memory BIOs, so that the
     server's TLS 1.2 handshake records can be read: they say whether a CertificateRequest
@@ -109,13 +119,8 @@ class Channel:
             raise Closed("server closed the connection unexpectedly")
         return data
 
-    def _expired(self) -> Any:
-        with self.evidence.lock:
-            if time.monotonic() >= self.overall:
-                self.evidence.out_of_time = True
-            else:
-                self.evidence.silent = True
-        raise Silent("timeout expired")
+    def _expired(self) -> NoReturn:
+        expired(self.evidence, self.overall)
 
     def ssl_answer(self, code: int = wire.SSL_REQUEST_CODE) -> str:
         """'S' or 'N' (alone: CVE-2021-23222, nothing may follow before the handshake), or an
@@ -313,10 +318,7 @@ class Client:
             sock = socket.create_connection((self.target.address, self.target.port),
                                             timeout=remaining)
         except TimeoutError:
-            chan = Channel(socket.socket(), deadline, self.overall, self.evidence)
-            chan.close()
-            chan._expired()
-            raise  # pragma: no cover - _expired raises
+            expired(self.evidence, self.overall)
         except OSError as exc:
             raise Unreachable(f"cannot reach {self.target.server}: {exc}") from exc
         return Channel(sock, deadline, self.overall, self.evidence)
@@ -456,12 +458,13 @@ class Client:
             if code in (2, 7, 9):
                 return Attempt(False, encrypted,
                                f"{_AUTH_NAMES[code]} authentication not supported")
+            if code not in (3, 5, 10, 11, 12) or (code in (11, 12) and scram is None):
+                return Attempt(False, encrypted, f"authentication method {code} not supported")
             if code in (3, 5, 10) and password is None:
                 chan.send(b"X\0\0\0\4")
                 name = {3: "password", 5: "md5", 10: "SASL"}[code]
                 return Attempt(True, encrypted, f"authentication request reached ({name}; "
                                "no password given)")
-            assert password is not None or code in (11, 12)
             try:
                 if code == 3:
                     assert password is not None
@@ -477,14 +480,13 @@ class Client:
                     if isinstance(scram_or_error, Attempt):
                         return scram_or_error
                     scram = scram_or_error
-                elif code == 11 and scram is not None:
+                elif code == 11:
+                    assert scram is not None
                     scram.set_server_first(body[4:].decode())
                     chan.send(_password_message(scram.get_client_final().encode()))
-                elif code == 12 and scram is not None:
-                    scram.set_server_final(body[4:].decode())
                 else:
-                    return Attempt(False, encrypted,
-                                   f"authentication method {code} not supported")
+                    assert scram is not None
+                    scram.set_server_final(body[4:].decode())
             except (scramp.ScramException, UnicodeDecodeError) as exc:
                 return Attempt(False, encrypted, f"SCRAM: {exc}")
 

@@ -484,7 +484,7 @@ def main(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         try:
             report = probe_target(target, deadline=deadline, budget=overall, expects=expects,
                                   full=bool(getattr(args, "full", False)), step=step)
-        except ProbeFailed as exc:
+        except (ProbeFailed, conninfo.ConninfoError) as exc:
             print(f"probe: {exc}", file=sys.stderr)
             code = 2
             continue

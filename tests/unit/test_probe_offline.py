@@ -287,3 +287,23 @@ def test_tls10_acceptance_is_seen(tls10_server: int, no_pg_env: Path) -> None:
     assert report["require_ssl"] == "on"
     assert report["findings"] == ["TLSv1 accepted (below TLS 1.2)"]
     assert report["tls12_ciphers"] is None  # --expect without --full: no suite enumeration
+
+
+def test_connect_timeout_as_libpq_reads_it() -> None:
+    assert probe.connect_timeout({}) == probe.DEFAULT_CONNECT_TIMEOUT
+    assert probe.connect_timeout({"connect_timeout": "0"}) == probe.DEFAULT_CONNECT_TIMEOUT
+    assert probe.connect_timeout({"connect_timeout": "1"}) == 2  # libpq's minimum
+    assert probe.connect_timeout({"connect_timeout": " 7 "}) == 7
+    with pytest.raises(conninfo.ConninfoError, match='invalid integer value "x"'):
+        probe.connect_timeout({"connect_timeout": "x"})
+
+
+def test_a_bad_connect_timeout_is_exit_2(no_pg_env: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    import argparse
+
+    args = argparse.Namespace(conninfo="host=127.0.0.1 port=9 user=u connect_timeout=x",
+                              json=False, expect=None, full=False, timeout=5.0)
+    assert probe.main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        'probe: invalid integer value "x" for connection option "connect_timeout"']
