@@ -27,19 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import conninfo
-from .pgclient import (
-    SSLMODES,
-    Attempt,
-    Cell,
-    Client,
-    Closed,
-    Evidence,
-    NotPostgres,
-    Silent,
-    Unreachable,
-    hostname_matches,
-    ssl_text,
-)
+from .channel import Closed, Evidence, NotPostgres, Silent, Unreachable, ssl_text
+from .pgclient import SSLMODES, Attempt, Cell, Client, hostname_matches
 
 __all__ = ["SSLMODES", "Cell", "main", "probe_target"]
 
@@ -70,6 +59,13 @@ def connect_timeout(params: dict[str, str]) -> int:
     if value <= 0:
         return DEFAULT_CONNECT_TIMEOUT
     return max(value, 2)
+
+
+def printable(text: str) -> str:
+    """A server's words (an ErrorResponse, a certificate name) for the terminal: anything
+    that is not printable is shown as an escape, never sent to the terminal as is."""
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 def escaped(data: bytes, limit: int = 80) -> str:
@@ -424,7 +420,7 @@ def validate_expects(expects: list[str]) -> None:
 
 def render(report: dict[str, Any]) -> str:
     rows = [("sslmode", "result", "detail")] + [
-        (c["sslmode"], c["result"], c["detail"]) for c in report["cells"]]
+        (c["sslmode"], c["result"], printable(c["detail"])) for c in report["cells"]]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"dwsproxy probe {report['server']}", ""]
@@ -441,7 +437,7 @@ def render(report: dict[str, Any]) -> str:
     ]
     cert = report["certificate"]
     if cert:
-        facts.append(("certificate", f"{cert['subject']} (issuer {cert['issuer']})"))
+        facts.append(("certificate", printable(f"{cert['subject']} (issuer {cert['issuer']})")))
         facts.append(("", f"not after {cert['not_after']}, {cert['days_left']} days left, "
                           f"chain {'verified' if cert['chain_verified'] else 'NOT verified'}, "
                           f"host name {'ok' if cert['hostname_ok'] else 'MISMATCH'}"))

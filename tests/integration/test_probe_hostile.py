@@ -289,3 +289,21 @@ def test_a_line_per_step_on_a_terminal(pg: TempPostgres) -> None:
     # and nothing of that kind when stderr is not a terminal
     quiet, _ = run_probe(f"host=127.0.0.1 port={pg.port} user=postgres")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_a_servers_error_text_is_escaped_in_the_table(hostile: Callable[[Handler], Hostile]
+                                                      ) -> None:
+    """A server that speaks PostgreSQL but puts terminal escapes in its ErrorResponse."""
+
+    def refuser(conn: socket.socket) -> None:
+        conn.settimeout(30)
+        if read_packet(conn) == wire.build_request(wire.SSL_REQUEST_CODE):
+            conn.sendall(b"N")
+            read_packet(conn)
+        conn.sendall(wire.error_response("28000", "\x1b[2J\x1b]0;pwned\x07no entry"))
+
+    server = hostile(refuser)
+    proc, _ = run_probe(f"host=127.0.0.1 port={server.port} user=x connect_timeout=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert "FATAL:  \\x1b[2J\\x1b]0;pwned\\x07no entry" in proc.stdout
