@@ -463,6 +463,8 @@ def main(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     overall = float(getattr(args, "timeout", None) or DEFAULT_TIMEOUT)
     deadline = time.monotonic() + overall
     try:
+        if not overall > 0:
+            raise ValueError(f"--timeout {overall:g}: want a number of seconds above 0")
         validate_expects(expects)
         targets = conninfo.resolve(args.conninfo or "")
     except (ValueError, conninfo.ConninfoError) as exc:

@@ -307,3 +307,30 @@ def test_a_bad_connect_timeout_is_exit_2(no_pg_env: Path, capsys: pytest.Capture
     assert probe.main(args) == 2
     assert capsys.readouterr().err.splitlines() == [
         'probe: invalid integer value "x" for connection option "connect_timeout"']
+
+
+def test_a_bad_timeout_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    args = argparse.Namespace(conninfo="host=127.0.0.1 user=u", json=False, expect=None,
+                              full=False, timeout=-1.0)
+    assert probe.main(args) == 2
+    assert capsys.readouterr().err == "probe: --timeout -1: want a number of seconds above 0\n"
+
+
+def test_psycopgs_bundled_libpq_reads_conninfo_the_same(no_pg_env: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system has no libpq.so.5, the copy in psycopg's wheel is the parser."""
+    bundled = [c for c in conninfo.libpq_candidates() if "psycopg_binary" in c]
+    assert bundled, "psycopg[binary] (a test dependency) bundles a libpq"
+    monkeypatch.setattr(conninfo, "_LIB", None)
+    monkeypatch.setattr(conninfo, "libpq_candidates", lambda: bundled)
+    assert conninfo.libpq_version() >= 150000
+    [t] = conninfo.resolve("postgresql://u@127.0.0.1:7000/db")
+    assert (t.host, t.port, t.params["dbname"]) == ("127.0.0.1", 7000, "db")
+    with pytest.raises(conninfo.ConninfoError, match='invalid connection option "hots"'):
+        conninfo.resolve("hots=x")
+    monkeypatch.setattr(conninfo, "_LIB", None)
+    monkeypatch.setattr(conninfo, "libpq_candidates", lambda: ["/nonexistent/libpq.so.5"])
+    with pytest.raises(conninfo.ConninfoError, match="libpq not found"):
+        conninfo.resolve("host=x")
