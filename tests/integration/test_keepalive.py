@@ -118,20 +118,35 @@ def _in_new_netns() -> Iterator[None]:
         os.close(original)
 
 
+def _unacked(proxy_port: int, client_port: int) -> int:
+    """Bytes the proxy sent the client that it has not acknowledged (ss's Send-Q)."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", "src",
+                          f"127.0.0.1:{proxy_port}", "dst", f"127.0.0.1:{client_port}"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[1]) if out else 0
+
+
+@pytest.mark.parametrize("case", ["idle", "unacked"])
 def test_a_silently_dead_client_loses_its_backend_session_in_time(
-        pki: object, workdir: object) -> None:
+        pki: object, workdir: object, case: str) -> None:
     """A client inside a transaction holding a lock goes silent (every packet it sends is
-    dropped: no ACK, no FIN, no RST). With keepalive 1 s + 2 x 1 s the proxy drops it and its
-    backend session ends within a few seconds (the OS default would be 2 hours)."""
+    dropped: no ACK, no FIN, no RST). `idle`: everything the proxy sent it was acknowledged,
+    and keepalive 1 s + 2 x 1 s drops it. `unacked`: the ACK of its last reply is lost too, so
+    the proxy's socket retransmits instead of probing (keepalive never starts, and the kernel
+    would retry for ~15 minutes): tcp_user_timeout bounds that. Either way its backend session
+    ends within seconds (the OS defaults would be 2 hours, or 15 minutes)."""
     from pathlib import Path
 
+    listen: dict[str, object] = {"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1,
+                                 "tcp_keepalives_count": 2}
+    if case == "unacked":
+        listen["tcp_user_timeout"] = 3000
     with _in_new_netns():
         pg = TempPostgres().start()
         proxy = None
         try:
             proxy = Proxy(Path(str(workdir)), pg.port, Path(str(pki)), tls={"ssl": False},
-                          listen={"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1,
-                                  "tcp_keepalives_count": 2})
+                          listen=listen)
             conn = psycopg.connect(host="127.0.0.1", port=proxy.port, user="postgres",
                                    dbname="postgres", sslmode="disable",
                                    application_name="deadclient")
@@ -141,6 +156,11 @@ def test_a_silently_dead_client_loses_its_backend_session_in_time(
             port = socket.socket(fileno=os.dup(conn.pgconn.socket)).getsockname()[1]
             count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'deadclient'"
             assert pg.sql(count) == "1"
+            if case == "idle":  # the client's delayed ACK of the LOCK's reply has gone out
+                deadline = time.monotonic() + 5
+                while _unacked(proxy.port, port):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
             # every packet the client sends from now on is routed into a black hole (a
             # policy rule ahead of the local table): it neither ACKs nor resets anything
             for rule in (["del", "pref", "0", "lookup", "local"],
@@ -154,7 +174,7 @@ def test_a_silently_dead_client_loses_its_backend_session_in_time(
                 time.sleep(0.2)
             took = time.monotonic() - t0
             print(f"dead client's backend session gone after {took:.1f} s")
-            assert took < 10  # idle 1 + 2 x 1 s, and the close reaching PostgreSQL
+            assert took < 10  # idle 1 + 2 x 1 s (or the 3 s user timeout), and the close
             assert pg.sql("SELECT count(*) FROM pg_locks WHERE relation = 'held'::regclass") \
                 == "0"
         finally:
