@@ -19,6 +19,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Only what `pip install .` reads, so edits to tests/ or docs do not invalidate this layer.
 # Every dependency ships manylinux wheels, so the slim image needs no compiler.
+# `dwsproxy probe` reads CONNINFO with libpq's own rules (libpq.so.5 through ctypes): the slim
+# image has no libpq of its own. The proxy itself does not need it.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpq5 \
+ && rm -rf /var/lib/apt/lists/*
+
 COPY pyproject.toml README.md /src/
 COPY proxy/ /src/proxy/
 RUN pip install /src \
