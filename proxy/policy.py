@@ -39,6 +39,8 @@ class Facts:
     # database "replication", as pg_hba does, never the `database` the client named
     replication: bool = False
     peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    # a client of the Unix-socket listener ([listen] unix_socket_dir): pg_hba's `local`
+    local: bool = False
 
 
 _SSL_HINT = ("connect with SSL: set sslmode=require (or prefer, verify-ca, verify-full) in the "
@@ -53,6 +55,13 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
                       "received direct SSL connection request without ALPN protocol "
                       "negotiation extension",
                       hint="use a client that sends ALPN \"postgresql\" (libpq 17 or later)")
+    if facts.local:
+        # A Unix socket never leaves the host and cannot carry TLS (PostgreSQL answers 'N' to
+        # an SSLRequest there): require_ssl and the global clientcert, which are about the
+        # network hop, do not apply, as pg_hba's hostssl lines never match a `local`
+        # connection. Only `type = "local"` rules match it: with no [[rules]] it is allowed,
+        # with rules but none of type local it is refused, as pg_hba.
+        return decide_rules(tls.clientname, rules, facts)
     if not facts.encrypted and tls.ssl and tls.require_ssl:
         return Reject("ssl_required", INVALID_AUTHORIZATION,
                       "SSL connection is required by the server (require_ssl is on)",
@@ -76,7 +85,7 @@ def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts) -> Deci
     for rule in rules:
         if not rule.matches(encrypted=facts.encrypted, user=facts.user, database=facts.database,
                             application_name=facts.application_name, peer=facts.peer,
-                            replication=facts.replication):
+                            replication=facts.replication, local=facts.local):
             continue
         if rule.action == "reject":
             return Reject("rule", INVALID_AUTHORIZATION,
@@ -99,8 +108,9 @@ def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts) -> Deci
     where = "SSL encryption" if facts.encrypted else "no encryption"
     database = ("replication connection" if facts.replication
                 else f"database \"{facts.database}\"")
+    host = "[local]" if facts.local else facts.peer
     return Reject("rule", INVALID_AUTHORIZATION,
-                  f"no rule matches host \"{facts.peer}\", user \"{facts.user}\", {database}, "
+                  f"no rule matches host \"{host}\", user \"{facts.user}\", {database}, "
                   f"application_name \"{facts.application_name}\", {where}")
 
 

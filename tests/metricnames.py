@@ -15,7 +15,7 @@ def declared_metrics() -> dict[str, str]:
         if isinstance(value, MetricWrapperBase):
             for family in value.describe():
                 out[family.name + ("_total" if family.type == "counter" else "")] = family.type
-    for collector in (metrics.TLS_FACTS, metrics.INFO):
+    for collector in (metrics.TLS_FACTS, metrics.INFO, metrics.BACKEND_UP):
         for family in collector.collect():
             out[family.name] = family.type
     return out

@@ -28,7 +28,9 @@ TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
 CLIENTNAMES = ("CN", "DN", "SAN")
 BACKEND_SSLMODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
-RULE_TYPES = ("host", "hostssl", "hostnossl")
+RULE_TYPES = ("host", "hostssl", "hostnossl", "local")
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+LOAD_BALANCE_HOSTS = ("disable", "random")
 RULE_ACTIONS = ("allow", "reject")
 
 
@@ -49,13 +51,46 @@ class ListenConfig:
     tcp_keepalives_interval: int = 10
     tcp_keepalives_count: int = 6
     tcp_user_timeout: int = 0  # ms unacknowledged before the kernel drops the connection
+    # PgBouncer's: also listen on DIR/.s.PGSQL.PORT; its clients are `local` (pg_hba's word)
+    unix_socket_dir: str = ""
+    unix_socket_mode: str = "0777"  # octal, as PgBouncer's and PostgreSQL's
+    unix_socket_group: str = ""
+
+
+@dataclass(frozen=True)
+class BackendHost:
+    """One host of `[backend] host` with its port. A host starting with "/" is a socket
+    directory, as in libpq: the server's socket is DIR/.s.PGSQL.PORT."""
+
+    host: str
+    port: int
+
+    @property
+    def unix(self) -> bool:
+        return self.host.startswith("/")
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.host, f".s.PGSQL.{self.port}")
+
+    @property
+    def address(self) -> str:
+        """`host:port`, the label of dwsproxy_backend_up and /status `backends`."""
+        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    host: str = "127.0.0.1"
-    port: int = 5432
+    # libpq's host and port lists: several hosts, one port for all or one per host
+    host: tuple[str, ...] = ("127.0.0.1",)
+    port: tuple[int, ...] = (5432,)
     connect_timeout: float = 5.0
+    target_session_attrs: str = "any"
+    load_balance_hosts: str = "disable"
+    health_check_user: str = ""
+    health_check_dbname: str = "postgres"
+    health_check_password_file: str = ""
+    health_check_interval: float = 5.0
     # proxy -> backend TLS, with libpq's meanings (verify-ca is what GaussDB(DWS) supports)
     sslmode: str = "disable"
     sslrootcert: str = ""
@@ -70,8 +105,13 @@ class BackendConfig:
     sslnegotiation: str = "postgres"
 
     @property
+    def hosts(self) -> tuple[BackendHost, ...]:
+        ports = self.port * len(self.host) if len(self.port) == 1 else self.port
+        return tuple(BackendHost(h, p) for h, p in zip(self.host, ports, strict=True))
+
+    @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return ",".join(h.address for h in self.hosts)
 
 
 @dataclass(frozen=True)
@@ -124,7 +164,11 @@ class Rule:
         application_name: str,
         peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
         replication: bool = False,
+        local: bool = False,
     ) -> bool:
+        # pg_hba: a `local` line matches Unix-socket clients only, the host* lines TCP only
+        if (self.type == "local") != local:
+            return False
         if self.type == "hostssl" and not encrypted:
             return False
         if self.type == "hostnossl" and encrypted:
@@ -244,6 +288,50 @@ def _port(key: str, value: object) -> int:
     return _as_int(0, 65535)(key, value)
 
 
+def _list_items(key: str, value: object) -> list[object]:
+    """libpq's comma form ("a,b") or a TOML array: the items, each stripped."""
+    if isinstance(value, str):
+        items: list[object] = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ConfigError(key, "is an empty list")
+    return items
+
+
+def _hosts(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, (str, list)):
+        raise ConfigError(key, f"expected a host or a list of hosts, got {value!r}")
+    hosts = tuple(_as_str(key, v) for v in _list_items(key, value))
+    if any(not h for h in hosts):
+        raise ConfigError(key, f"an empty host in {value!r}")
+    return hosts
+
+
+def _ports(key: str, value: object) -> tuple[int, ...]:
+    out = []
+    for item in _list_items(key, value):
+        if isinstance(item, str):
+            if not item.isdigit():
+                raise ConfigError(key, f"{item!r} is not a port number")
+            item = int(item)
+        out.append(_as_int(1, 65535)(key, item))
+    return tuple(out)
+
+
+def _mode(key: str, value: object) -> str:
+    text = _as_str(key, value)
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(key, f"{text!r} is not an octal mode such as \"0770\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(key, f"{text!r} is out of range 0000..0777")
+    return text
+
+
 _LISTEN = {
     "host": _as_str,
     "port": _port,
@@ -258,11 +346,20 @@ _LISTEN = {
     "tcp_keepalives_interval": _as_int(0, 32767),
     "tcp_keepalives_count": _as_int(0, 127),
     "tcp_user_timeout": _as_int(0, 2_147_483_647),
+    "unix_socket_dir": _as_str,
+    "unix_socket_mode": _mode,
+    "unix_socket_group": _as_str,
 }
 _BACKEND = {
-    "host": _as_str,
-    "port": _port,
+    "host": _hosts,
+    "port": _ports,
     "connect_timeout": _as_seconds(False),
+    "target_session_attrs": _one_of(TARGET_SESSION_ATTRS),
+    "load_balance_hosts": _one_of(LOAD_BALANCE_HOSTS),
+    "health_check_user": _as_str,
+    "health_check_dbname": _as_str,
+    "health_check_password_file": _as_str,
+    "health_check_interval": _as_seconds(True),
     "sslmode": _one_of(BACKEND_SSLMODES),
     "sslrootcert": _as_str,
     "sslcrl": _as_str,
@@ -338,8 +435,9 @@ SCHEMA: Mapping[str, Mapping[str, Callable[[str, object], Any]]] = {
     "reload": _RELOAD,
 }
 _PATH_KEYS = {
-    "backend": ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
-                "sslkey_cipher_file", "sslkey_rand_file"),
+    "listen": ("unix_socket_dir",),
+    "backend": ("health_check_password_file", "sslrootcert", "sslcrl", "sslcert", "sslkey",
+                "sslpassword_file", "sslkey_cipher_file", "sslkey_rand_file"),
     "tls": (
         "ssl_cert_file",
         "ssl_key_file",
@@ -386,6 +484,11 @@ def _rule(index: int, raw: object) -> Rule:
     if values.get("type") == "hostnossl" and (values.get("ssl_protocols") or
                                                values.get("clientcert")):
         raise ConfigError(prefix, "a hostnossl rule cannot require ssl_protocols or clientcert")
+    if values.get("type") == "local" and (values.get("ssl_protocols") or values.get("clientcert")
+                                           or values.get("address") is not None):
+        # pg_hba: a Unix socket carries no TLS and no address
+        raise ConfigError(prefix, "a local rule (Unix-socket clients) cannot have "
+                          "ssl_protocols, clientcert or address")
     return Rule(index=index, **values)
 
 
@@ -430,6 +533,9 @@ def parse(text: str, path: str) -> Config:
     rules = tuple(_rule(i, r) for i, r in enumerate(raw_rules, start=1))
 
     _check_backend(backend)
+    if listen.unix_socket_dir and not os.path.isdir(listen.unix_socket_dir):
+        raise ConfigError("listen.unix_socket_dir",
+                          f"socket directory '{listen.unix_socket_dir}' does not exist")
     if tls.ssl_max_protocol_version and TLS_VERSIONS.index(
         tls.ssl_max_protocol_version
     ) < TLS_VERSIONS.index(tls.ssl_min_protocol_version):
@@ -485,6 +591,20 @@ def _check_listen(listen: ListenConfig) -> None:
 
 def _check_backend(b: BackendConfig) -> None:
     """libpq's rules for the proxy's own connection to the backend."""
+    if len(b.port) not in (1, len(b.host)):
+        # libpq: "could not match %d port numbers to %d hosts"
+        raise ConfigError("backend.port", f"{len(b.port)} ports for {len(b.host)} hosts: give "
+                          "one port for all hosts or one per host, in the same order")
+    for h in b.host:
+        if h.startswith("/") and not os.path.isdir(h):
+            raise ConfigError("backend.host", f"socket directory '{h}' does not exist")
+    if b.target_session_attrs != "any" and not b.health_check_user:
+        raise ConfigError("backend.target_session_attrs", f"\"{b.target_session_attrs}\" needs "
+                          "backend.health_check_user: the proxy learns each host's role on a "
+                          "connection of its own, never from a client's session")
+    if b.health_check_password_file and not b.health_check_user:
+        raise ConfigError("backend.health_check_password_file",
+                          "has no effect without backend.health_check_user")
     if b.sslmode == "disable":
         for key in ("sslrootcert", "sslcrl", "sslcert", "sslkey", "sslpassword_file",
                     "sslkey_cipher_file", "sslkey_rand_file"):
@@ -520,10 +640,12 @@ def warnings(cfg: Config) -> list[str]:
     by check-config)."""
     out = []
     b = cfg.backend
-    if b.sslmode == "prefer" and not _is_loopback(b.host):
+    remote = [h for h in b.host if not _is_loopback(h)]
+    if b.sslmode == "prefer" and remote:
         # libpq's prefer: an `N` to the SSLRequest means plaintext, and anyone on the path can
         # send that `N`. Over a network only require/verify-* keep the database's hop encrypted.
-        out.append(f"backend.sslmode = \"prefer\" with backend.host {b.host!r}, which is not a "
+        shown = remote[0] if len(remote) == 1 else ",".join(remote)
+        out.append(f"backend.sslmode = \"prefer\" with backend.host {shown!r}, which is not a "
                    "loopback address: anyone on the path can answer the SSLRequest with N and "
                    "get the sessions in plaintext; use require, verify-ca or verify-full")
     return out

@@ -40,6 +40,8 @@ class StateView(Protocol):
     @property
     def loaded_at(self) -> str: ...
 
+    def backends_view(self) -> list[dict[str, Any]]: ...
+
 
 class WorkersView(Protocol):
     async def query(self, kind: str, timeout: float) -> list[dict[str, Any]]: ...
@@ -108,6 +110,7 @@ async def status_view(state: StateView, workers: WorkersView | None) -> dict[str
                    "snapshot_sha256": in_force, "loaded_at": state.loaded_at},
         "reload": dict(state.last_reload),
         "workers": procs,
+        "backends": state.backends_view(),
         "synchronized": all(p.get("snapshot_sha256") == in_force for p in parts),
         "policy": {"ssl": cfg.tls.ssl, "require_ssl": cfg.tls.require_ssl,
                    "clientcert": cfg.tls.clientcert, "rules": len(cfg.rules),

@@ -246,6 +246,25 @@ def add_bytes(client_to_backend: int, backend_to_client: int) -> None:
         _BYTES_B2C.inc(backend_to_client)
 
 
+class _BackendUp:
+    """dwsproxy_backend_up{backend}, read at scrape time from the health checker of the
+    serving process: a host removed by a reload disappears with it."""
+
+    def __init__(self) -> None:
+        self.hosts: Callable[[], list[tuple[str, bool]]] = list
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("dwsproxy_backend_up",
+                               "Whether each backend host answered its last check (1) or not.",
+                               labels=["backend"])
+        for address, ok in self.hosts():
+            up.add_metric([address], 1.0 if ok else 0.0)
+        yield up
+
+
+BACKEND_UP = _BackendUp()
+
+
 def config_loaded(loaded: Loaded, *, reload: bool) -> None:
     """Point the certificate/CRL gauges at a newly loaded config; count a reload."""
     TLS_FACTS.server_tls = loaded.server_tls
@@ -271,6 +290,7 @@ def registry() -> CollectorRegistry:
         reg = REGISTRY
     reg.register(TLS_FACTS)  # type: ignore[arg-type,unused-ignore]
     reg.register(INFO)  # type: ignore[arg-type,unused-ignore]
+    reg.register(BACKEND_UP)  # type: ignore[arg-type,unused-ignore]
     return reg
 
 
@@ -285,8 +305,12 @@ AdminViews = Callable[[str], Awaitable[tuple[str, str, bytes] | None]]
 
 
 async def serve_http(host: str, port: int, healthy: Callable[[], bool],
-                     admin: AdminViews | None = None) -> asyncio.AbstractServer:
-    """GET /metrics (Prometheus text), GET /healthz (200 or 503), and the admin views
+                     admin: AdminViews | None = None, *,
+                     live: Callable[[], bool] | None = None,
+                     ready: Callable[[], Awaitable[bool]] | None = None
+                     ) -> asyncio.AbstractServer:
+    """GET /metrics (Prometheus text), GET /healthz, /livez (the process serves) and /readyz
+    (a backend answered within connect_timeout), each 200 or 503, and the admin views
     (admin.py) unless they are switched off."""
     reg = registry()
 
@@ -301,8 +325,13 @@ async def serve_http(host: str, port: int, healthy: Callable[[], bool],
             elif path == b"/metrics":
                 body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, reg)
                 status, ctype = "200 OK", CONTENT_TYPE_LATEST
-            elif path == b"/healthz":
-                ok = healthy()
+            elif path in (b"/healthz", b"/livez", b"/readyz"):
+                if path == b"/livez":
+                    ok = (live or healthy)()
+                elif path == b"/readyz":
+                    ok = await ready() if ready is not None else healthy()
+                else:
+                    ok = healthy()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
             else:

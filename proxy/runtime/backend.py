@@ -4,24 +4,28 @@ Owns: connecting to the backend with `[backend]`'s TLS settings (libpq's sslmode
 SSLRequest or direct TLS with ALPN `postgresql`, SNI, the client certificate), and naming why
 that failed in terms a client can act on (`dwsproxy_backend_tls_failures_total` reasons). Used
 for sessions, for forwarded CancelRequests and for the health check, so all three speak to
-the database the same way. Must not decide policy or relay bytes (relay.py does).
+the database the same way. One call connects one host of `[backend] host`; which host, and
+in what order, is backends.py's. A host that is a socket directory is reached over its Unix
+socket, in plaintext as libpq does (PostgreSQL does no TLS on a Unix socket). Must not decide
+policy or relay bytes (relay.py does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..protocol import wire
+from ..protocol import scram, wire
 from ..tls.contexts import ALPN_POSTGRESQL
 from .backend_tls import ClientTls
 from .relay import Endpoint
 
 if TYPE_CHECKING:
-    from ..config.schema import BackendConfig
+    from ..config.schema import BackendConfig, BackendHost
     from ..tls.contexts import BackendTls
 
 log = logging.getLogger("dwsproxy.backend")
@@ -46,15 +50,19 @@ class Connected:
     peer_cert: bytes | None  # DER of the backend's certificate over TLS
 
 
-async def connect(cfg: BackendConfig, btls: BackendTls | None,
+async def connect(host: BackendHost, btls: BackendTls | None,
                   endpoint: Endpoint) -> Connected:
-    """Connect `endpoint` to the backend, with TLS as configured; BackendError on failure.
-    The caller bounds the time (backend.connect_timeout)."""
+    """Connect `endpoint` to one backend host, with TLS as configured; BackendError on
+    failure. The caller bounds the time (backend.connect_timeout)."""
     loop = asyncio.get_running_loop()
     try:
+        if host.unix:
+            # libpq: "Don't request SSL or GSSAPI over Unix sockets" (fe-connect.c)
+            await loop.create_unix_connection(lambda: endpoint, host.socket_path)
+            return Connected(False, None)
         if btls is not None and btls.direct:
-            tls = ClientTls(endpoint, btls.context, btls.server_hostname or None)
-            transport, _ = await loop.create_connection(lambda: tls, cfg.host, cfg.port)
+            tls = ClientTls(endpoint, btls.context, btls.server_hostname(host.host))
+            transport, _ = await loop.create_connection(lambda: tls, host.host, host.port)
             try:
                 await asyncio.shield(tls.handshake)  # a timeout must not cancel the future
             except BaseException:
@@ -65,17 +73,17 @@ async def connect(cfg: BackendConfig, btls: BackendTls | None,
                 transport.abort()  # before a byte of the client's reaches that server
                 raise BackendError(refusal, "alpn")
             return Connected(True, _peer_cert(endpoint))
-        await loop.create_connection(lambda: endpoint, cfg.host, cfg.port)
+        await loop.create_connection(lambda: endpoint, host.host, host.port)
     except ssl.SSLError as exc:
         raise _tls_error(exc) from None
     except OSError as exc:
         raise BackendError(exc.strerror or repr(exc)) from None
     if btls is None:
         return Connected(False, None)
-    return await _ssl_request(endpoint, btls, cfg)
+    return await _ssl_request(endpoint, btls, host)
 
 
-async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig) -> Connected:
+async def _ssl_request(endpoint: Endpoint, btls: BackendTls, host: BackendHost) -> Connected:
     transport = endpoint.transport
     assert transport is not None
     transport.write(wire.build_request(wire.SSL_REQUEST_CODE))
@@ -88,7 +96,7 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
         if btls.sslmode == "prefer":
             # libpq's prefer, but never silent: whoever answers `N` on the path gets plaintext
             log.warning("backend %s refused SSL: backend.sslmode = \"prefer\" falls back to an "
-                        "unencrypted connection", cfg.address)
+                        "unencrypted connection", host.address)
             return Connected(False, None)
         raise BackendError(f"the server does not support SSL, but backend.sslmode is "
                            f"\"{btls.sslmode}\"", "ssl_refused")
@@ -98,7 +106,7 @@ async def _ssl_request(endpoint: Endpoint, btls: BackendTls, cfg: BackendConfig)
         # CVE-2021-23222 (libpq): bytes after 'S' and before the handshake could be injected
         raise BackendError("received unencrypted data after SSL response", "handshake")
     del endpoint.buffer[:1]
-    tls = ClientTls(endpoint, btls.context, btls.server_hostname)
+    tls = ClientTls(endpoint, btls.context, btls.server_hostname(host.host))
     try:
         tls.start(transport)
         await asyncio.shield(tls.handshake)  # a timeout must not cancel ClientTls's future
@@ -149,25 +157,53 @@ def _tls_error(exc: ssl.SSLError) -> BackendError:
     return BackendError(f"TLS handshake failed: {exc.reason or exc}", "handshake")
 
 
-async def probe(cfg: BackendConfig, btls: BackendTls | None) -> None:
-    """Connect as a session would (TLS included) and close: the health check."""
+async def probe(host: BackendHost, cfg: BackendConfig, btls: BackendTls | None) -> None:
+    """Connect as a session would (TLS included) and hang up quietly: the reachability check.
+
+    Quiet means no line in PostgreSQL's log at its default settings. The server reads the
+    first byte of a start-up packet; end-of-file there is logged by nobody ("Service-monitoring
+    software also often just opens and closes a connection", ProcessStartupPacket), but a reset
+    is ("could not receive data from client: Connection reset by peer", pq_recvbuf). After
+    TLS, OpenSSL's SSL_ERROR_ZERO_RETURN (our close_notify) is an end-of-file too, while a
+    bare FIN is SSL_ERROR_SYSCALL, which be_tls_read turns into ECONNRESET and so into the
+    same line. So: never abort; after TLS send close_notify, then FIN (ClientTls's close)."""
     endpoint = Endpoint()
+    quiet = False
     try:
         async with asyncio.timeout(cfg.connect_timeout):
-            await connect(cfg, btls, endpoint)
+            await connect(host, btls, endpoint)
+            quiet = True
     except TimeoutError:
         raise BackendError("timeout") from None
     finally:
-        if endpoint.transport is not None:
-            endpoint.transport.abort()
+        await hang_up(endpoint, quiet, cfg.connect_timeout)
 
 
-async def send_cancel(cfg: BackendConfig, btls: BackendTls | None, packet: bytes) -> None:
-    """A CancelRequest to the backend over the same settings as the sessions."""
+async def hang_up(endpoint: Endpoint, quiet: bool, wait: float) -> None:
+    """Close a connection of the proxy's own: gracefully (close_notify after TLS, then FIN)
+    when it is in a state the server ends without a word, and wait for the server's side to
+    close, so that no unread byte of ours turns our close into a reset; abort otherwise."""
+    transport = endpoint.transport
+    if transport is None:
+        return
+    if not quiet:
+        transport.abort()
+        return
+    transport.close()
+    try:
+        async with asyncio.timeout(wait):
+            await asyncio.shield(endpoint.closed)
+    except TimeoutError:
+        transport.abort()
+
+
+async def send_cancel(host: BackendHost, cfg: BackendConfig, btls: BackendTls | None,
+                      packet: bytes) -> None:
+    """A CancelRequest to one backend host over the same settings as the sessions."""
     endpoint = Endpoint()
     try:
         async with asyncio.timeout(cfg.connect_timeout):
-            await connect(cfg, btls, endpoint)
+            await connect(host, btls, endpoint)
             assert endpoint.transport is not None
             endpoint.transport.write(packet)
             # the server answers a cancel by closing: wait for it, so the packet is delivered
@@ -178,3 +214,135 @@ async def send_cancel(cfg: BackendConfig, btls: BackendTls | None, packet: bytes
     finally:
         if endpoint.transport is not None:
             endpoint.transport.close()
+
+
+@dataclass(frozen=True)
+class Role:
+    """What target_session_attrs asks of a host, as libpq 14+ learns it: `in_hot_standby` and
+    `default_transaction_read_only` from the ParameterStatus stream, or from a query where
+    the server does not report them (before PostgreSQL 14, GaussDB)."""
+
+    in_hot_standby: bool
+    read_only: bool  # default_transaction_read_only on, or in hot standby (libpq's test)
+
+
+_ROLE_QUERY = (b"SELECT pg_catalog.pg_is_in_recovery(), "
+               b"pg_catalog.current_setting('transaction_read_only')")
+_AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5, _AUTH_SASL, _AUTH_SASL_CONTINUE, _AUTH_SASL_FINAL = (
+    0, 3, 5, 10, 11, 12)
+
+
+async def check_role(host: BackendHost, cfg: BackendConfig, btls: BackendTls | None,
+                     password: str) -> Role:
+    """Log in as backend.health_check_user on a connection of the proxy's own, learn the
+    host's role, and end with a Terminate: PostgreSQL logs nothing for that at its default
+    settings (log_disconnections is off). BackendError on any failure."""
+    endpoint = Endpoint()
+    quiet = False
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            await connect(host, btls, endpoint)
+            role = await _login(endpoint, cfg, password)
+            quiet = True
+            return role
+    except TimeoutError:
+        raise BackendError("timeout") from None
+    except scram.ScramError as exc:
+        raise BackendError(str(exc)) from None
+    finally:
+        await hang_up(endpoint, quiet, cfg.connect_timeout)
+
+
+async def _login(endpoint: Endpoint, cfg: BackendConfig, password: str) -> Role:
+    transport = endpoint.transport
+    assert transport is not None
+    transport.write(wire.build_startup_message({
+        "user": cfg.health_check_user, "database": cfg.health_check_dbname,
+        "application_name": "dwsproxy-health"}))
+    params: dict[str, str] = {}
+    client: scram.ScramClient | None = None
+    while True:
+        message = await endpoint.read_message()
+        if message is None:
+            raise BackendError("the server closed the health-check connection")
+        kind, body = message
+        if kind == b"E":
+            fields = wire.parse_error_response(body)
+            raise BackendError(f"health check login refused: {fields.get('M', '')}")
+        if kind == b"S":
+            name, _, rest = body.partition(b"\0")
+            params[name.decode(errors="replace")] = rest.split(b"\0", 1)[0].decode(
+                errors="replace")
+        elif kind == b"Z":
+            break
+        elif kind == b"R":
+            code = int.from_bytes(body[:4], "big")
+            if code == _AUTH_OK:
+                continue
+            if code in (_AUTH_CLEARTEXT, _AUTH_MD5) and not password:
+                raise BackendError("the server asks the health-check user for a password and "
+                                   "backend.health_check_password_file is not set")
+            if code == _AUTH_CLEARTEXT:
+                transport.write(_message(b"p", password.encode() + b"\0"))
+            elif code == _AUTH_MD5:
+                user = cfg.health_check_user.encode()
+                inner = hashlib.md5(password.encode() + user).hexdigest().encode()
+                outer = hashlib.md5(inner + body[4:8]).hexdigest().encode()
+                transport.write(_message(b"p", b"md5" + outer + b"\0"))
+            elif code == _AUTH_SASL:
+                if b"SCRAM-SHA-256" not in body[4:].split(b"\0"):
+                    raise BackendError("the server offers no SASL mechanism the health check "
+                                       "speaks (SCRAM-SHA-256)")
+                client = scram.ScramClient(password)
+                first = client.first()
+                transport.write(_message(b"p", b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big")
+                                         + first))
+            elif code == _AUTH_SASL_CONTINUE and client is not None:
+                transport.write(_message(b"p", client.final(body[4:])))
+            elif code == _AUTH_SASL_FINAL and client is not None:
+                client.verify(body[4:])
+            else:
+                raise BackendError(f"authentication method {code} is not supported by the "
+                                   "health check")
+    hot, read_only = params.get("in_hot_standby"), params.get("default_transaction_read_only")
+    if hot is None or read_only is None:
+        # an older server: libpq asks with a query; one query here answers both questions
+        transport.write(_message(b"Q", _ROLE_QUERY + b"\0"))
+        row: list[str] = []
+        while True:
+            message = await endpoint.read_message()
+            if message is None:
+                raise BackendError("the server closed the health-check connection")
+            kind, body = message
+            if kind == b"E":
+                raise BackendError("role query failed: "
+                                   + wire.parse_error_response(body).get("M", ""))
+            if kind == b"D":
+                row = _data_row(body)
+            if kind == b"Z":
+                break
+        if len(row) != 2:
+            raise BackendError("unexpected answer to the role query")
+        hot = "on" if row[0] == "t" else "off"
+        read_only = row[1] if read_only is None else read_only
+    transport.write(b"X\x00\x00\x00\x04")  # Terminate: the server ends the session silently
+    in_hot_standby = hot == "on"
+    return Role(in_hot_standby, in_hot_standby or read_only == "on")
+
+
+def _data_row(body: bytes) -> list[str]:
+    count = int.from_bytes(body[:2], "big")
+    out, pos = [], 2
+    for _ in range(count):
+        size = int.from_bytes(body[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if size < 0:
+            out.append("")
+            continue
+        out.append(body[pos:pos + size].decode(errors="replace"))
+        pos += size
+    return out
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body

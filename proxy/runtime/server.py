@@ -9,6 +9,7 @@ limits and budgets it enforces are state.py's. Must not parse the protocol or de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import gc
@@ -24,7 +25,6 @@ from ..config.errors import ConfigError
 from ..ops import admin, metrics, sdnotify
 from ..tls import loader
 from ..tls.loader import Loaded
-from . import backend as backend_mod
 from . import tcp
 from . import workers as workers_mod
 from .session import Session
@@ -39,7 +39,9 @@ log = logging.getLogger("dwsproxy.server")
 
 ACCEPT_BATCH = 64
 TLS_CLOSE_WAIT = 5.0
-HEALTH_INTERVAL = 5.0
+# With backend.health_check_interval = 0, a /readyz check is answered from the last one for
+# this long, so a probe storm cannot turn into a connection storm on the database.
+READY_CACHE_MIN = 1.0
 
 
 def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -55,6 +57,42 @@ def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     sock.bind(addr)
     sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def make_unix_socket(directory: str, port: int, mode: str, group: str) -> socket.socket:
+    """DIR/.s.PGSQL.PORT, PostgreSQL's and PgBouncer's name, with the given mode and group.
+    A socket file left by a proxy that died is replaced; one that a live process answers on
+    is not (OSError EADDRINUSE)."""
+    path = os.path.join(directory, f".s.PGSQL.{port}")
+    if os.path.lexists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: stale
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, int(mode, 8))
+        if group:
+            import grp  # only where a group is named
+
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        sock.listen(1024)
+    except (OSError, KeyError) as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, KeyError):
+            raise OSError(errno.EINVAL, f"no group {group!r} (listen.unix_socket_group)") \
+                from None
+        raise
     sock.setblocking(False)
     return sock
 
@@ -142,25 +180,40 @@ class Listener:
 
 
 class BackendHealth:
-    """Connects to the backend every HEALTH_INTERVAL as a session would, TLS included."""
+    """The backend health check of the main process: every host of `[backend] host`, every
+    `health_check_interval` seconds, quietly (backend.probe, backend.check_role); with an
+    interval of 0, only when /readyz asks."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: ServerState[Session]) -> None:
+        self.state = state
         self.ok = False
-        self.checked = False
+        self._checked_at = -1e9
+        self._running: asyncio.Task[bool] | None = None
 
-    async def run(self, get_loaded: Callable[[], Loaded]) -> None:
+    async def check(self) -> bool:
+        """One round over every host; rounds asked for together share one."""
+        if self._running is None or self._running.done():
+            loaded = self.state.loaded
+            self._running = asyncio.get_running_loop().create_task(
+                self.state.backends.check(loaded, loaded.health_check_password))
+        self.ok = await asyncio.shield(self._running)
+        self._checked_at = time.monotonic()
+        return self.ok
+
+    async def ready(self) -> bool:
+        """/readyz: the periodic check's result, or with an interval of 0 a check of its own
+        (kept READY_CACHE_MIN seconds)."""
+        interval = self.state.config.backend.health_check_interval
+        if interval == 0 and time.monotonic() - self._checked_at >= READY_CACHE_MIN:
+            return await self.check()
+        return self.ok
+
+    async def run(self) -> None:
         while True:
-            loaded = get_loaded()
-            try:
-                await backend_mod.probe(loaded.config.backend, loaded.backend_tls)
-                self.ok = True
-            except backend_mod.BackendError as exc:
-                if self.ok or not self.checked:
-                    log.warning("backend %s does not answer: %s", loaded.config.backend.address,
-                                exc)
-                self.ok = False
-            self.checked = True
-            await asyncio.sleep(HEALTH_INTERVAL)
+            interval = self.state.config.backend.health_check_interval
+            if interval > 0:
+                await self.check()
+            await asyncio.sleep(interval if interval > 0 else 1.0)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -242,9 +295,12 @@ async def _reload(state: ServerState[Session], trigger: str = "SIGHUP") -> Loade
     state.last_reload = {"result": "success", "at": now_rfc3339(), "error": None,
                          "trigger": trigger, "seq": seq}
     new = loaded.config
-    if (new.listen.host, new.listen.port, new.listen.workers, new.metrics) != (
-            old.listen.host, old.listen.port, old.listen.workers, old.metrics):
-        log.warning("listen.host/port/workers and [metrics] changes take effect on restart only")
+    restart_only = ("host", "port", "workers", "unix_socket_dir", "unix_socket_mode",
+                    "unix_socket_group")
+    if ([getattr(new.listen, k) for k in restart_only], new.metrics) != (
+            [getattr(old.listen, k) for k in restart_only], old.metrics):
+        log.warning("listen.host/port/workers/unix_socket_* and [metrics] changes take effect "
+                    "on restart only")
     metrics.config_loaded(loaded, reload=True)
     _apply(state, loaded)
     return loaded
@@ -401,25 +457,47 @@ async def serve(loaded: Loaded, *, worker: bool = False,
     listener = Listener(sock, state)
     bound = sock.getsockname()
     log.info("listening on %s:%s (pid %d)", bound[0], bound[1], os.getpid())
+    unix_listener: Listener | None = None
+    unix_path = ""
+    if cfg.listen.unix_socket_dir and not worker:
+        # served by the main process alone: a Unix socket's path cannot be shared by several
+        # processes as SO_REUSEPORT shares a TCP port
+        try:
+            usock = make_unix_socket(cfg.listen.unix_socket_dir, cfg.listen.port or bound[1],
+                                     cfg.listen.unix_socket_mode, cfg.listen.unix_socket_group)
+        except OSError as exc:
+            log.error("cannot listen on the Unix socket in %s: %s", cfg.listen.unix_socket_dir,
+                      exc.strerror or exc)
+            listener.close()
+            return 1
+        unix_path = usock.getsockname()
+        unix_listener = Listener(usock, state)
+        log.info("listening on %s", unix_path)
     background = [loop.create_task(_tick(state))]
     stop = asyncio.Event()
     http = None
     workers: Workers | None = None
     if not worker:
-        health = BackendHealth()
+        health = BackendHealth(state)
+        metrics.BACKEND_UP.hosts = lambda: state.backends.up_by_address(state.config.backend)
+
+        def live() -> bool:
+            return listener.accepting and (workers is None or workers.alive())
+
         try:  # before any worker exists: a busy metrics port fails the start cleanly
             http = await metrics.serve_http(
                 cfg.metrics.host, cfg.metrics.port,
-                lambda: listener.accepting and health.ok
-                and (workers is None or workers.alive()),
+                lambda: live() and health.ok,
                 (lambda path: admin.handle(path, state, workers)) if cfg.metrics.admin
-                else None)
+                else None, live=live, ready=health.ready)
         except OSError as exc:
             log.error("cannot serve metrics on %s:%s: %s", cfg.metrics.host, cfg.metrics.port,
                       exc.strerror)
             listener.close()
+            if unix_listener is not None:
+                unix_listener.close()
             return 1
-        background.append(loop.create_task(health.run(lambda: state.loaded)))
+        background.append(loop.create_task(health.run()))
         metrics.config_loaded(loaded, reload=False)
         if cfg.listen.workers > 1:
             def in_force() -> Snapshot:
@@ -460,6 +538,10 @@ async def serve(loaded: Loaded, *, worker: bool = False,
     log.info("shutting down: no new connections; %d open, waiting up to %.0fs",
              len(state.tasks), cfg.listen.shutdown_grace)
     listener.close()
+    if unix_listener is not None:
+        unix_listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(unix_path)
     if workers is not None:
         workers.stop()
     await _drain(state, state.config.listen.shutdown_grace)

@@ -27,8 +27,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from .. import policy
 from ..ops import metrics
@@ -48,7 +47,9 @@ from ..tls import contexts as tls
 from ..tls.verify import CertVerdict
 from . import backend as backend_mod
 from . import tcp
+from .backends import HostState, NoBackend
 from .relay import Endpoint, TlsEndpoint, ToTlsEndpoint, link
+from .timeouts import within as within
 
 ALPN_OFFER = tls.ALPN_POSTGRESQL.encode()
 
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from .state import ServerState
 
 log = logging.getLogger("dwsproxy.session")
-T = TypeVar("T")
 
 _PID = os.getpid()
 _CLIENT_HELLO = negotiation.ClientHello()
@@ -74,9 +74,10 @@ class Session:
     # Slots, not a per-instance dict: a session lives as long as its client, and idle
     # sessions are most of a busy proxy's memory.
     __slots__ = ("_addr", "_raw", "_terminate_deadline", "alpn", "backend", "backend_encrypted",
+                 "backend_host", "cancel_key",
                  "cert_error", "cipher", "client", "client_cert", "detail", "direct",
                  "encrypted", "end", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id",
-                 "idle_marker", "idle_since", "linked", "loaded", "loop", "negotiation",
+                 "idle_marker", "idle_since", "linked", "loaded", "local", "loop", "negotiation",
                  "outcome", "peer_addr", "peer_chain", "peer_host", "sock", "started",
                  "started_at", "startup", "state", "terminating", "tls_version")
 
@@ -108,6 +109,8 @@ class Session:
         self.cert_error: CertVerdict | None = None
         self.facts: policy.Facts | None = None  # what the policy allowed, for reload rechecks
         self.backend_encrypted = False
+        self.backend_host: HostState | None = None  # the host of [backend] host serving it
+        self.cancel_key: bytes | None = None  # its BackendKeyData, with several hosts
         self.terminating: bytes | None = None  # the FATAL a reload ends this session with
         self._terminate_deadline = 0.0
         self.outcome = "closed"
@@ -116,7 +119,11 @@ class Session:
         # terminated); else who ended it is read off the two sides at the end
         self.end: str | None = None
         self.linked = False
-        self.negotiation = Negotiation(ssl=self.cfg.tls.ssl, direct_ssl=self.cfg.tls.direct_ssl)
+        # a client of the Unix-socket listener: no TLS there, as PostgreSQL answers 'N' to an
+        # SSLRequest on a Unix socket; rules see it as `local`
+        self.local = sock is not None and sock.family == socket.AF_UNIX
+        self.negotiation = Negotiation(ssl=self.cfg.tls.ssl and not self.local,
+                                       direct_ssl=self.cfg.tls.direct_ssl and not self.local)
         self.evicted: str | None = None  # why the server dropped it (negotiation budget)
         self.flushed_c2b = 0
         self.flushed_b2c = 0
@@ -160,6 +167,9 @@ class Session:
         # accepted sockets: server.Listener._keepalive);
         # TCP_NODELAY: uvloop sets it on every TCP transport it makes. The peer address is the
         # one accept() returned: no getpeername().
+        if self.local:
+            self.peer_addr = "[local]"  # PostgreSQL's word for a Unix-socket client
+            return
         try:
             host, port = (self._addr if self._addr is not None else sock.getpeername())[:2]
             if ":" in host:  # IPv6; an IPv4 client of a dual-stack listener is ::ffff:a.b.c.d
@@ -433,7 +443,7 @@ class Session:
             direct_tls=self.direct, alpn=self.alpn, client_cert=self.client_cert,
             client_cert_error=self.cert_error,
             peer=self._peer_ip() if self.cfg.rules else None,  # only [[rules]] look at it
-            **startup)
+            local=self.local, **startup)
 
     async def _cancel(self, event: wire.CancelRequest) -> None:
         """Police a CancelRequest, then forward exactly its packet (policy.decide_cancel)."""
@@ -455,46 +465,64 @@ class Session:
     async def _forward_cancel(self, raw: bytes) -> None:
         # Sessions are relayed 1:1, so the backend's own BackendKeyData reached the client and
         # the key in this request is the backend's: pass it on unchanged, over the same TLS
-        # settings as the sessions.
+        # settings as the sessions, to the host that holds the session. With several hosts,
+        # a key this process did not see (its session is another worker's, or over) goes to
+        # every host: the secret key makes it a no-op where it does not belong.
         metrics.cancel_request("forwarded")
         self.outcome = "cancel_forwarded"
         cfg = self.cfg.backend
-        try:
-            await backend_mod.send_cancel(cfg, self.loaded.backend_tls, raw)
-        except backend_mod.BackendError as exc:
+        hosts = cfg.hosts
+        if len(hosts) > 1:
+            # the request's pid and key are the BackendKeyData's body (protocol 3.2 keys are
+            # longer than 3.0's four bytes: the whole rest of the packet)
+            address = self.state.cancel_keys.get(raw[8:])
+            host = self.state.backends.host_of(cfg, address) if address else None
+            if host is not None:
+                hosts = (host,)
+        self.detail = f"backend {','.join(h.address for h in hosts)}"
+        results = await asyncio.gather(
+            *(backend_mod.send_cancel(h, cfg, self.loaded.backend_tls, raw) for h in hosts),
+            return_exceptions=True)
+        failed = [f"{h.address}: {r}" for h, r in zip(hosts, results, strict=True)
+                  if isinstance(r, BaseException)]
+        if len(failed) == len(hosts):
             self.outcome = "cancel_failed"
-            self.detail = f"backend {cfg.address}: {exc}"
+            self.detail = "backend " + "; ".join(failed)
 
     # -- backend and relay ----------------------------------------------------------------------
     async def _connect_and_relay(self) -> None:
         assert self.client is not None and self.startup is not None
         cfg = self.cfg.backend
         t0 = time.perf_counter()
-        backend = ToTlsEndpoint() if self.encrypted else Endpoint()
+        factory = ToTlsEndpoint if self.encrypted else Endpoint
         try:
-            connected = await within(cfg.connect_timeout,
-                                     backend_mod.connect(cfg, self.loaded.backend_tls, backend))
-        except (backend_mod.BackendError, TimeoutError) as exc:
-            if backend.transport is not None:
-                backend.transport.abort()
-            reason = exc.tls_reason if isinstance(exc, backend_mod.BackendError) else ""
-            if reason:
-                metrics.backend_tls_failed(reason)
+            chosen, backend = await self.state.backends.connect(
+                self.loaded, factory, self.loaded.health_check_password)
+        except NoBackend as exc:
+            if len(cfg.hosts) == 1 and len(exc.tried) == 1:
+                message = (f"could not connect to the database server at {exc.tried[0][0]}: "
+                           f"{exc.tried[0][1]}")
+            else:  # as libpq: every host tried, and why
+                message = f"could not connect to any database server: {exc}"
             self._refuse(
-                "backend_unavailable", wire.CONNECTION_FAILURE,
-                f"could not connect to the database server at {cfg.address}: "
-                f"{exc if isinstance(exc, backend_mod.BackendError) else 'timeout'}",
+                "backend_unavailable", wire.CONNECTION_FAILURE, message,
                 hint="the proxy is up but its connection to the database is not; check the "
-                     "database server" + (" and [backend] TLS settings" if reason else ""))
+                     "database server" + (" and [backend] TLS settings" if exc.tls_reasons
+                                          else "")
+                     + ("" if cfg.target_session_attrs == "any" else
+                        f" (backend.target_session_attrs is {cfg.target_session_attrs})"))
             return
+        connected = chosen.connected
+        self.backend_host = chosen.state
         self.backend = backend
         self.backend_encrypted = connected.encrypted
         # a backend that vanished without FIN/RST is seen too, not only a dead client
         tcp.apply(backend.transport and backend.transport.get_extra_info("socket"),
                   self.cfg.listen)
         metrics.BACKEND_CONNECT_SECONDS.observe(time.perf_counter() - t0)
-        if self._channel_binding_differs(connected):
-            if not await self._refuse_plus_across_certificates():
+        plus = self._channel_binding_differs(connected)
+        if plus or len(cfg.hosts) > 1:
+            if not await self._startup_by_hand(plus, len(cfg.hosts) > 1):
                 return
         else:
             # The StartupMessage alone: whatever the client pipelined after it stays in
@@ -556,10 +584,14 @@ class Session:
             why = f"did not answer the start-up within {wait:g}s"
         backend.close(abort=True)
         self._refuse("backend_unavailable", wire.CONNECTION_FAILURE,
-                     f"the database server at {self.cfg.backend.address} {why}",
+                     f"the database server at {self.backend_address()} {why}",
                      hint="the database may be restarting or shutting down; try again, and "
                           "check the database server's log")
         return False
+
+    def backend_address(self) -> str:
+        """`host:port` of the backend host this session uses (all of them before it has one)."""
+        return self.backend_host.address if self.backend_host else self.cfg.backend.address
 
     def _still_allowed(self) -> bool:
         """Right before link(): the client is still there and the configuration in force now
@@ -588,45 +620,81 @@ class Session:
         return (self.encrypted and connected.encrypted and server_tls is not None
                 and connected.peer_cert != server_tls.server_cert_der)
 
-    async def _refuse_plus_across_certificates(self) -> bool:
-        """Relay the start-up by hand until the client answers an AuthenticationSASL that
-        offers SCRAM-SHA-256-PLUS; refuse a client that picks it (the backend would only say
-        "channel binding check failed"). Stripping -PLUS from the offer does not help: the
-        client then sends the 'y' flag and a backend on TLS takes it for a downgrade."""
+    async def _startup_by_hand(self, plus: bool, want_key: bool) -> bool:
+        """Relay the start-up message by message before link(), for two reasons:
+
+        - `plus`: refuse a client that answers an AuthenticationSASL offering
+          SCRAM-SHA-256-PLUS by picking it (the backend would only say "channel binding check
+          failed"): across the proxy it can only succeed when the proxy presents the
+          database's own certificate. Stripping -PLUS from the offer does not help: the client
+          then sends the 'y' flag and a backend on TLS takes it for a downgrade.
+        - `want_key`: with several backend hosts, follow the authentication to the
+          BackendKeyData and note it, so that a CancelRequest carrying that key goes to the
+          host holding the session.
+
+        Only the StartupMessage and the client's answers to authentication requests ('p'
+        messages) reach the backend here, each after the configuration in force is checked
+        again; anything else the client sent waits in its buffer for link(), after the last
+        check, so that a refused session has had no query run. Ends at the BackendKeyData,
+        an ErrorResponse, a ReadyForQuery, or an exchange it does not follow (GSSAPI, SSPI).
+        False when the session was refused."""
         assert self.client is not None and self.backend is not None and self.startup
         client, backend = self.client, self.backend
         assert client.transport is not None and backend.transport is not None
-        self._to_backend(self.startup.raw)  # pipelined bytes wait for link(), as above
+        self._to_backend(self.startup.raw)
         try:
             async with asyncio.timeout(self.cfg.listen.startup_timeout):
-                message = await backend.read_message()
-                if message is None:
-                    return True  # link() passes on whatever came, then the close
-                kind, body = message
-                self._to_client(_message(kind, body))
-                if not (kind == b"R" and body[:4] == _AUTH_SASL
-                        and _SCRAM_PLUS in body[4:].split(b"\0")):
-                    return True
-                answer = await client.read_message()
+                while True:
+                    message = await backend.read_message()
+                    if message is None:
+                        return True  # link() passes on whatever came, then the close
+                    kind, body = message
+                    self._to_client(_message(kind, body))
+                    if kind == b"K":
+                        self._note_cancel_key(body)
+                        return True
+                    if kind in (b"E", b"Z"):
+                        return True
+                    if kind != b"R" or body[:4] in _AUTH_SILENT:
+                        # ParameterStatus, NoticeResponse, AuthenticationOk, SASLFinal: the
+                        # backend goes on without the client
+                        if want_key:
+                            continue
+                        return True
+                    if body[:4] not in _AUTH_ANSWERED:
+                        return True  # GSSAPI, SSPI: not followed here
+                    answer = await client.read_message()
+                    if answer is None:
+                        return True
+                    akind, abody = answer
+                    if (plus and akind == b"p" and body[:4] == _AUTH_SASL
+                            and _SCRAM_PLUS in body[4:].split(b"\0")
+                            and abody.split(b"\0", 1)[0] == _SCRAM_PLUS):
+                        self._refuse(
+                            "channel_binding", wire.INVALID_AUTHORIZATION,
+                            "channel binding cannot cross this proxy: the client chose "
+                            "SCRAM-SHA-256-PLUS, but the certificate the proxy presents is "
+                            "not the database's",
+                            hint="connect with channel_binding=disable, or give the proxy the "
+                                 "database's own certificate and key (tls.ssl_cert_file, "
+                                 "tls.ssl_key_file)")
+                        return False
+                    if not want_key or akind != b"p":
+                        # link() sends it, after the last check of the configuration
+                        client.buffer[:0] = _message(akind, abody)
+                        return True
+                    if not self._still_allowed():
+                        return False
+                    self._to_backend(_message(akind, abody))
         except TimeoutError:
             self._refuse("startup_timeout", wire.PROTOCOL_VIOLATION,
                          "authentication not answered within listen.startup_timeout")
             return False
-        if answer is None:
-            return True
-        kind, body = answer
-        if kind == b"p" and body.split(b"\0", 1)[0] == _SCRAM_PLUS:
-            self._refuse("channel_binding", wire.INVALID_AUTHORIZATION,
-                         "channel binding cannot cross this proxy: the client chose "
-                         "SCRAM-SHA-256-PLUS, but the certificate the proxy presents is not "
-                         "the database's",
-                         hint="connect with channel_binding=disable, or give the proxy the "
-                              "database's own certificate and key (tls.ssl_cert_file, "
-                              "tls.ssl_key_file)")
-            return False
-        # Not forwarded here: link() sends it, after the last check of the configuration.
-        client.buffer[:0] = _message(kind, body)
-        return True
+
+    def _note_cancel_key(self, key: bytes) -> None:
+        if self.backend_host is not None:
+            self.cancel_key = bytes(key)
+            self.state.cancel_keys[self.cancel_key] = self.backend_host.address
 
     def flush_bytes(self) -> None:
         c2b = self.client.received if self.client else 0
@@ -669,6 +737,7 @@ class Session:
                 "subject": cert.subject, "issuer": cert.issuer, "serial": f"{cert.serial:x}",
                 "not_after": _rfc3339(cert.not_after)},
             "backend_tls": backend_tls,
+            "backend": self.backend_host.address if self.backend_host else None,
             "started": _rfc3339(self.started_at),
             "bytes_in": c2b, "bytes_out": b2c,
         }
@@ -815,6 +884,8 @@ class Session:
             self.outcome = "backend_tls_flood"
             self.detail = f"backend {self.cfg.backend.address}: {self.backend.violation[1]}"
         self.flush_bytes()
+        if self.cancel_key is not None:
+            self.state.cancel_keys.pop(self.cancel_key, None)
         self.state.session_ended(self)
         end = self._ended_by() if self.linked else ""
         if end:
@@ -824,6 +895,7 @@ class Session:
             "worker_pid": _PID,
             "encryption": "tls" if self.encrypted else "plain",
             "backend_encryption": "tls" if self.backend_encrypted else "plain",
+            "backend": self.backend_host.address if self.backend_host else "",
             "tls_version": self.tls_version,
             "cipher": self.cipher,
             "direct_tls": self.direct,
@@ -846,33 +918,6 @@ def _side_end(side: Endpoint | None) -> tuple[int, str, bytes] | None:
     return side.ended if side is not None else None
 
 
-async def within(delay: float, awaitable: Coroutine[Any, Any, T]) -> T:
-    """`awaitable` within `delay` seconds, else TimeoutError: asyncio.timeout's job for one
-    await, at the cost of one timer. (Per connection, twice: an asyncio.timeout block is a
-    Timeout object, two more coroutines and a reschedule, ~5.4 us against ~1.5 here,
-    benchmarks/connmicro.py.) As asyncio.timeout, a cancellation that is not ours (shutdown)
-    stays a CancelledError."""
-    task = asyncio.current_task()
-    assert task is not None
-    cancelling = task.cancelling()
-    fired = False
-
-    def expire() -> None:
-        nonlocal fired
-        fired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(delay, expire)
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if fired and task.uncancel() <= cancelling:
-            raise TimeoutError from None
-        raise
-    finally:
-        timer.cancel()
-
-
 def _rfc3339(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
@@ -889,6 +934,10 @@ def _ends_with_ready_for_query(chunk: bytes) -> bool:
 
 
 _AUTH_SASL = (10).to_bytes(4, "big")  # AuthenticationSASL
+# Authentication requests the client answers with a message: cleartext, MD5, SASL, SASL
+# continue; and those it does not: Ok, SASL final.
+_AUTH_ANSWERED = frozenset(n.to_bytes(4, "big") for n in (3, 5, 10, 11))
+_AUTH_SILENT = frozenset(n.to_bytes(4, "big") for n in (0, 12))
 _SCRAM_PLUS = b"SCRAM-SHA-256-PLUS"
 
 

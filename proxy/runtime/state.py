@@ -26,7 +26,9 @@ import resource
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from .backends import Backends
 
 if TYPE_CHECKING:
     from ..config.schema import Config
@@ -261,6 +263,15 @@ class ServerState(Generic[S]):
         self._limits: Limits | None = None
         self._limits_for: Config | None = None
         self.on_capacity: Callable[[], None] | None = None  # a listener paused at the ceiling
+        # what this process knows of each backend host (up, role, back-off): backends.py
+        self.backends = Backends()
+        # a session's BackendKeyData (pid and secret, 8 bytes) -> the backend host that holds
+        # it, so that a CancelRequest goes to that host (kept with several hosts only)
+        self.cancel_keys: dict[bytes, str] = {}
+
+    def backends_view(self) -> list[dict[str, Any]]:
+        """/status `backends`: each configured host as this process last saw it."""
+        return self.backends.view(self.config.backend)
 
     def register(self, session: S) -> str:
         self._next_id += 1

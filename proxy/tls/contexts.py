@@ -265,10 +265,20 @@ class BackendTls:
 
     context: ssl.SSLContext
     sslmode: str  # as configured: prefer falls back to plaintext on N
-    server_hostname: str | None  # SNI and the name verify-full checks; None for an address
     direct: bool  # sslnegotiation = direct: TLS from the first byte, ALPN postgresql
     ca_certs: tuple[CertFacts, ...]
     client_cert: CertFacts | None
+    sslsni: bool = True
+
+    def server_hostname(self, host: str) -> str | None:
+        """SNI and the name verify-full checks, for one host of a host list (each host is
+        checked against its own name, as libpq does per host). An IP address is checked
+        (IP SANs) but never sent as SNI (RFC 6066 3)."""
+        try:
+            ipaddress.ip_address(host)
+            return host if self.context.check_hostname else None
+        except ValueError:
+            return host if (self.sslsni or self.context.check_hostname) else None
 
 
 def build_backend_tls(b: BackendConfig, snap: Snapshot) -> BackendTls:
@@ -310,13 +320,8 @@ def build_backend_tls(b: BackendConfig, snap: Snapshot) -> BackendTls:
     direct = b.sslnegotiation == "direct"
     if direct:
         ctx.set_alpn_protocols([ALPN_POSTGRESQL])
-    try:
-        ipaddress.ip_address(b.host)
-        hostname = None if not ctx.check_hostname else b.host  # an IP: checked, never SNI
-    except ValueError:
-        hostname = b.host if (b.sslsni or ctx.check_hostname) else None
-    return BackendTls(context=ctx, sslmode=b.sslmode, server_hostname=hostname, direct=direct,
-                      ca_certs=ca_facts, client_cert=client)
+    return BackendTls(context=ctx, sslmode=b.sslmode, direct=direct,
+                      ca_certs=ca_facts, client_cert=client, sslsni=b.sslsni)
 
 
 def _warn_cas_without_crl(cas: list[x509.Certificate],

@@ -37,6 +37,8 @@ class Loaded:
     snapshot: Snapshot = field(repr=False)
     server_tls: ServerTls | None = None  # None when ssl is off
     backend_tls: BackendTls | None = None  # None when backend.sslmode is disable
+    # backend.health_check_password_file's first line: the proxy's own login, never shown
+    health_check_password: str = field(default="", repr=False)
 
 
 def read(path: str) -> snapshot.Snapshot:
@@ -60,6 +62,9 @@ def _read_pair(reader: snapshot.Reader, pair: tuple[str, str], keys: tuple[str, 
 
 
 def _read_backend_files(reader: snapshot.Reader, b: config.BackendConfig) -> None:
+    if b.health_check_password_file:
+        reader.file(b.health_check_password_file, "backend.health_check_password_file",
+                    secret=True)
     if b.sslmode == "disable":
         return
     for key in ("sslrootcert", "sslcrl", "sslcert"):
@@ -102,7 +107,12 @@ def build(snap: snapshot.Snapshot) -> Loaded:
                   if cfg.tls.ssl else None)
     backend_tls = (tls.build_backend_tls(cfg.backend, snap)
                    if cfg.backend.sslmode != "disable" else None)
-    return Loaded(cfg, snap, server_tls, backend_tls)
+    password = ""
+    if cfg.backend.health_check_password_file:
+        raw = snap.read(cfg.backend.health_check_password_file,
+                        "backend.health_check_password_file")
+        password = raw.decode("utf-8", "replace").splitlines()[0] if raw.strip() else ""
+    return Loaded(cfg, snap, server_tls, backend_tls, password)
 
 
 def load(path: str, *, warn: bool = True) -> Loaded:

@@ -47,6 +47,59 @@ def pg() -> Iterator[TempPostgres]:
     server.stop()
 
 
+class StandbyPostgres(TempPostgres):
+    """A streaming standby of `primary`, made as an operator would: pg_basebackup -R (the
+    standby.signal and primary_conninfo it writes), then started on a port of its own."""
+
+    def __init__(self, primary: TempPostgres) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def start(self) -> StandbyPostgres:
+        if self.as_postgres:
+            os.chmod(self.dir, 0o755)
+            shutil.chown(self.dir, "postgres", "postgres")
+        basebackup = find_pg_binary("pg_basebackup")
+        assert basebackup, "pg_basebackup not found"
+        subprocess.run(self._cmd(basebackup, "-h", "127.0.0.1", "-p", str(self.primary.port),
+                                 "-U", "postgres", "-D", str(self.data), "-R",
+                                 "--wal-method=stream", "--checkpoint=fast", "--no-sync"),
+                       check=True, capture_output=True)
+        with open(self.data / "postgresql.conf", "a") as fh:
+            fh.write(f"port = {self.port}\nunix_socket_directories = '{self.dir}'\n"
+                     "hot_standby = on\n")
+        pg_ctl = find_pg_binary("pg_ctl")
+        assert pg_ctl
+        subprocess.run(self._cmd(pg_ctl, "-D", str(self.data), "-l", str(self.dir / "log"),
+                                 "-w", "-t", "60", "start"), check=True, capture_output=True)
+        wait_port(self.port)
+        return self
+
+
+@pytest.fixture(scope="session")
+def primary_standby() -> Iterator[tuple[TempPostgres, StandbyPostgres]]:
+    """A primary and its streaming standby (pg_basebackup -R), with roles `alice` and
+    `health` (the proxy's own checks) created on the primary and replicated."""
+    missing = [b for b in ("initdb", "pg_ctl", "postgres", "pg_basebackup")
+               if not find_pg_binary(b)]
+    if missing:
+        pytest.skip(f"PostgreSQL server binaries missing: {missing} (make test installs them)")
+    primary = TempPostgres(extra_conf="wal_level = replica\nmax_wal_senders = 5\n").start()
+    primary.sql("CREATE ROLE alice LOGIN; CREATE ROLE health LOGIN")
+    standby = StandbyPostgres(primary)
+    try:
+        standby.start()
+        deadline = time.monotonic() + 30
+        while standby.sql("SELECT pg_is_in_recovery()") != "t" or \
+                standby.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'health'") != "1":
+            assert time.monotonic() < deadline, "the standby did not catch up"
+            time.sleep(0.1)
+        yield primary, standby
+    finally:
+        standby.stop()
+        primary.stop()
+
+
 @pytest.fixture(scope="session")
 def pki() -> Iterator[Path]:
     """cacert.pem, server.crt/.key, client.crt/.key (CN=postgres), crl.pem, in a dir that
@@ -103,7 +156,7 @@ class Proxy:
                  wrap: list[str] | None = None) -> None:
         """`wrap`: a command that runs the proxy, e.g. ["prlimit", "--nofile=256"]."""
         self.folder = folder
-        self.port = free_port()
+        self.port = int((listen or {}).get("port") or free_port())
         self.metrics_port = free_port()
         sections: dict[str, dict[str, Any]] = {
             "listen": {"host": "127.0.0.1", "port": self.port, "startup_timeout": 5.0,

@@ -94,7 +94,8 @@ def test_documented_reload_behaviour_matches_the_restart_only_keys() -> None:
     docs = documented_keys()
     restart = {f"{s}.{k}" for s, keys in docs.items() for k, c in keys.items()
                if c[3] == "restart"}
-    assert restart == {"listen.host", "listen.port", "listen.workers",
+    assert restart == {"listen.host", "listen.port", "listen.workers", "listen.unix_socket_dir",
+                       "listen.unix_socket_mode", "listen.unix_socket_group",
                        *(f"metrics.{k}" for k in config.SCHEMA["metrics"])}
     allowed = {"restart", "new connections", "open sessions too", "next look"}
     for section, keys in docs.items():

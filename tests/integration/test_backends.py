@@ -1,0 +1,153 @@
+"""Several backends (issue 24) with real PostgreSQL: a primary and its streaming standby made
+with pg_basebackup -R, libpq's host lists through the proxy, target_session_attrs learnt on the
+proxy's own connection, load balancing, per-host health in /status and the metrics, and a
+CancelRequest sent to the host that holds the session."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Proxy, StandbyPostgres, run_psql
+
+from proxy.tools.demo import TempPostgres, free_port
+
+PrimaryStandby = tuple[TempPostgres, StandbyPostgres]
+
+
+def server_port(proxy: Proxy, user: str = "postgres") -> int:
+    """The port of the PostgreSQL server a new session through the proxy landed on."""
+    proc = run_psql(f"host=127.0.0.1 port={proxy.port} user={user} dbname=postgres "
+                    "sslmode=disable", "SELECT inet_server_port()")
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip())
+
+
+def start(start_proxy: Callable[..., Proxy], hosts: list[int], **backend: Any) -> Proxy:
+    return start_proxy(backend={"host": ["127.0.0.1"] * len(hosts), "port": hosts,
+                                "connect_timeout": 2.0, **backend},
+                       tls={"ssl": False})
+
+
+def test_first_host_down_sessions_land_on_the_next_within_connect_timeout(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    primary, _ = primary_standby
+    down = free_port()  # nothing listens there: refused at once, as a stopped CN
+    proxy = start(start_proxy, [down, primary.port])
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert server_port(proxy) == primary.port
+        assert time.monotonic() - t0 < 2.0  # within connect_timeout
+    status = json.loads(proxy.http("/status")[1])
+    rows = {b["address"]: b for b in status["backends"]}
+    assert rows[f"127.0.0.1:{down}"]["up"] is False
+    assert rows[f"127.0.0.1:{primary.port}"]["up"] is True
+
+
+def test_none_fits_names_every_host_tried_and_why(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    _, standby = primary_standby
+    down = free_port()
+    proxy = start(start_proxy, [standby.port, down], target_session_attrs="read-write",
+                  health_check_user="health")
+    proc = run_psql(f"host=127.0.0.1 port={proxy.port} user=postgres sslmode=disable",
+                    "SELECT 1")
+    assert proc.returncode != 0
+    assert "could not connect to any database server" in proc.stderr
+    assert f"127.0.0.1:{standby.port}: session is read-only" in proc.stderr
+    assert f"127.0.0.1:{down}: " in proc.stderr and "refused" in proc.stderr.lower()
+
+
+def test_read_write_with_the_standby_first_puts_every_session_on_the_primary(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    primary, standby = primary_standby
+    proxy = start(start_proxy, [standby.port, primary.port],
+                  target_session_attrs="read-write", health_check_user="health")
+    assert {server_port(proxy) for _ in range(10)} == {primary.port}
+    # the role was learnt on the proxy's own connection, as the health-check user: the
+    # client's session carried its own StartupMessage only
+    status = json.loads(proxy.http("/status")[1])
+    roles = {b["address"]: b["role"] for b in status["backends"]}
+    assert roles == {f"127.0.0.1:{standby.port}": "standby",
+                     f"127.0.0.1:{primary.port}": "primary"}
+
+
+@pytest.mark.parametrize("attrs", ["standby", "read-only", "prefer-standby"])
+def test_standby_puts_every_session_on_the_standby(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby, attrs: str) -> None:
+    primary, standby = primary_standby
+    proxy = start(start_proxy, [primary.port, standby.port], target_session_attrs=attrs,
+                  health_check_user="health")
+    assert {server_port(proxy) for _ in range(8)} == {standby.port}
+
+
+def test_prefer_standby_falls_back_to_the_primary_when_no_standby_answers(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    primary, _ = primary_standby
+    proxy = start(start_proxy, [free_port(), primary.port],
+                  target_session_attrs="prefer-standby", health_check_user="health")
+    assert server_port(proxy) == primary.port
+
+
+def test_random_spreads_40_sessions_over_two_hosts(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    primary, standby = primary_standby
+    proxy = start(start_proxy, [primary.port, standby.port], load_balance_hosts="random")
+    counts = Counter(server_port(proxy) for _ in range(40))
+    assert set(counts) == {primary.port, standby.port}
+    assert min(counts.values()) >= 8, counts
+
+
+def test_backend_up_per_host(start_proxy: Callable[..., Proxy],
+                             primary_standby: PrimaryStandby) -> None:
+    primary, standby = primary_standby
+    down = free_port()
+    proxy = start(start_proxy, [primary.port, standby.port, down],
+                  health_check_interval=0.2)
+    proxy.wait_metric("dwsproxy_backend_up", 1, backend=f"127.0.0.1:{primary.port}")
+    proxy.wait_metric("dwsproxy_backend_up", 1, backend=f"127.0.0.1:{standby.port}")
+    proxy.wait_metric("dwsproxy_backend_up", 0, backend=f"127.0.0.1:{down}")
+    assert ("dwsproxy_backend_up", (("backend", f"127.0.0.1:{down}"),)) in proxy.metrics()
+    assert proxy.http("/livez")[0] == 200
+    assert proxy.http("/readyz")[0] == 200
+
+
+def test_readyz_is_503_when_no_host_answers_and_asks_itself_with_interval_0(
+        start_proxy: Callable[..., Proxy]) -> None:
+    down = free_port()
+    proxy = start(start_proxy, [down], health_check_interval=0)
+    assert proxy.http("/livez")[0] == 200
+    assert proxy.http("/readyz")[0] == 503
+    status = json.loads(proxy.http("/status")[1])
+    assert status["backends"][0]["address"] == f"127.0.0.1:{down}"
+    assert status["backends"][0]["up"] is False and status["backends"][0]["checked_at"]
+
+
+def test_a_cancel_reaches_the_host_that_holds_the_session(
+        start_proxy: Callable[..., Proxy], primary_standby: PrimaryStandby) -> None:
+    primary, standby = primary_standby
+    # the session lands on the second host: a cancel sent to the first would not stop it
+    proxy = start(start_proxy, [primary.port, standby.port], target_session_attrs="standby",
+                  health_check_user="health")
+    primary_log = primary.log_path.read_text(errors="replace")
+    with psycopg.connect(f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres "
+                         "sslmode=disable", autocommit=True) as conn:
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (standby.port,)
+        pid = conn.info.backend_pid
+        timer = threading.Timer(1.0, conn.cancel)
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        assert time.monotonic() - t0 < 10
+        timer.join()
+    assert "did not match any process" not in \
+        primary.log_path.read_text(errors="replace")[len(primary_log):]
+    assert f"backend 127.0.0.1:{standby.port}" in proxy.wait_log("cancel_forwarded")
+    assert pid
