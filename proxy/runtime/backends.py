@@ -218,8 +218,8 @@ class Backends:
             else:
                 await backend_mod.probe(st.host, cfg, loaded.backend_tls)
         except backend_mod.BackendError as exc:
-            if exc.tls_reason:
-                metrics.backend_tls_failed(exc.tls_reason)
+            # not counted in dwsproxy_backend_tls_failures_total: that counts connections
+            # made for clients; the check's verdict is dwsproxy_backend_up and /status
             self._failed(st, str(exc))
             return
         self._succeeded(st)

@@ -19,7 +19,7 @@ from conftest import REPO, Proxy
 
 SESSION_FIELDS = {"id", "worker", "peer", "state", "user", "database", "application_name",
                   "encryption", "tls", "tls_version", "cipher", "direct", "client_cert",
-                  "backend_tls", "started", "bytes_in", "bytes_out"}
+                  "backend_tls", "backend", "started", "bytes_in", "bytes_out"}
 ARTIFACTS = Path("/tmp/dwsproxy-artifacts")
 
 
