@@ -29,12 +29,12 @@ def _hmac(key: bytes, data: bytes) -> bytes:
 class ScramClient:
     """One exchange: first() -> final(server_first) -> verify(server_final)."""
 
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+    def __init__(self, password: str, nonce: str | None = None, user: str = "") -> None:
         self.password = password.encode()  # SASLprep of ASCII is the identity
         self.nonce = nonce or base64.b64encode(secrets.token_bytes(18)).decode()
-        # PostgreSQL ignores the SCRAM user name (it is the StartupMessage's); "n,," = no
-        # channel binding, which is right for a check that never crosses the proxy.
-        self.first_bare = f"n=,r={self.nonce}"
+        # PostgreSQL ignores the SCRAM user name (it is the StartupMessage's), so none is
+        # sent; "n,," = no channel binding, right for a check that never crosses the proxy.
+        self.first_bare = f"n={user},r={self.nonce}"
         self._auth = ""
         self._server_key = b""
 

@@ -249,6 +249,9 @@ async def check_role(host: BackendHost, cfg: BackendConfig, btls: BackendTls | N
         raise BackendError("timeout") from None
     except scram.ScramError as exc:
         raise BackendError(str(exc)) from None
+    except (ValueError, IndexError, UnicodeError) as exc:
+        # a malformed answer is the server's fault (or not PostgreSQL): a failed check, not a bug
+        raise BackendError(f"unexpected answer from the server: {exc}") from None
     finally:
         await hang_up(endpoint, quiet, cfg.connect_timeout)
 
@@ -267,7 +270,7 @@ async def _login(endpoint: Endpoint, cfg: BackendConfig, password: str) -> Role:
             raise BackendError("the server closed the health-check connection")
         kind, body = message
         if kind == b"E":
-            fields = wire.parse_error_response(body)
+            fields = wire.parse_error_response(_message(b"E", body))
             raise BackendError(f"health check login refused: {fields.get('M', '')}")
         if kind == b"S":
             name, _, rest = body.partition(b"\0")
@@ -316,7 +319,7 @@ async def _login(endpoint: Endpoint, cfg: BackendConfig, password: str) -> Role:
             kind, body = message
             if kind == b"E":
                 raise BackendError("role query failed: "
-                                   + wire.parse_error_response(body).get("M", ""))
+                                   + wire.parse_error_response(_message(b"E", body)).get("M", ""))
             if kind == b"D":
                 row = _data_row(body)
             if kind == b"Z":

@@ -210,19 +210,27 @@ class Backends:
     async def _check_one(self, st: HostState, loaded: Loaded, password: str) -> None:
         cfg = loaded.config.backend
         try:
-            if cfg.health_check_user:
-                async with st.lock:
-                    st.role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls,
-                                                           password)
-                    st.role_at = time.monotonic()
-            else:
-                await backend_mod.probe(st.host, cfg, loaded.backend_tls)
+            await self._check_host(st, loaded, cfg, password)
         except backend_mod.BackendError as exc:
             # not counted in dwsproxy_backend_tls_failures_total: that counts connections
             # made for clients; the check's verdict is dwsproxy_backend_up and /status
             self._failed(st, str(exc))
             return
+        except Exception:  # the checker must outlive a bug: it is the only one
+            log.exception("health check of %s failed unexpectedly", st.address)
+            self._failed(st, "internal error")
+            return
         self._succeeded(st)
+
+    async def _check_host(self, st: HostState, loaded: Loaded, cfg: BackendConfig,
+                          password: str) -> None:
+        if cfg.health_check_user:
+            async with st.lock:
+                st.role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls,
+                                                       password)
+                st.role_at = time.monotonic()
+        else:
+            await backend_mod.probe(st.host, cfg, loaded.backend_tls)
 
 
 def _misfit(wanted: str, role: backend_mod.Role) -> str:

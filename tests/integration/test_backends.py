@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -151,3 +152,32 @@ def test_a_cancel_reaches_the_host_that_holds_the_session(
         primary.log_path.read_text(errors="replace")[len(primary_log):]
     assert f"backend 127.0.0.1:{standby.port}" in proxy.wait_log("cancel_forwarded")
     assert pid
+
+
+@pytest.mark.parametrize("method", ["scram-sha-256", "md5", "password"])
+def test_the_health_check_user_logs_in_with_its_password_file(
+        start_proxy: Callable[..., Proxy], workdir: Path, method: str) -> None:
+    hba = (f"local all all trust\nhost all health 127.0.0.1/32 {method}\n"
+           "host all all 127.0.0.1/32 trust\n")
+    encryption = "md5" if method == "md5" else "scram-sha-256"
+    server = TempPostgres(hba=hba, extra_conf=f"password_encryption = '{encryption}'\n").start()
+    try:
+        server.sql("CREATE ROLE health LOGIN PASSWORD 'h3alth-pw'")
+        good, bad = workdir / f"health-{method}.pw", workdir / f"health-{method}-bad.pw"
+        good.write_text("h3alth-pw\n")
+        bad.write_text("wrong\n")
+        for f in (good, bad):
+            f.chmod(0o600)
+        proxy = start(start_proxy, [server.port], target_session_attrs="primary",
+                      health_check_user="health", health_check_password_file=str(good))
+        assert server_port(proxy) == server.port
+        assert json.loads(proxy.http("/status")[1])["backends"][0]["role"] == "primary"
+        wrong = start(start_proxy, [server.port], target_session_attrs="primary",
+                      health_check_user="health", health_check_password_file=str(bad))
+        proc = run_psql(f"host=127.0.0.1 port={wrong.port} user=postgres sslmode=disable",
+                        "SELECT 1")
+        assert proc.returncode != 0
+        assert "password authentication failed" in proc.stderr, proc.stderr
+        assert "h3alth-pw" not in wrong.log() and "wrong" not in proc.stderr
+    finally:
+        server.stop()

@@ -132,3 +132,22 @@ def test_health_check_password_is_read_and_never_shown(bundle: Path) -> None:
     loaded = loader.load(str(path))
     assert loaded.health_check_password == "s3cret-pw"
     assert "s3cret-pw" not in repr(loaded)
+
+
+@pytest.mark.parametrize("sslmode,sslsni,expected", [
+    # verify-full: each host's own name is checked (and, with Python's ssl, sent as SNI)
+    ("verify-full", True, {"cn1.example": "cn1.example", "cn2.example": "cn2.example",
+                           "127.0.0.2": "127.0.0.2"}),
+    # require: the name is SNI only; an address is never sent (RFC 6066)
+    ("require", True, {"cn1.example": "cn1.example", "127.0.0.2": None}),
+    ("require", False, {"cn1.example": None, "127.0.0.2": None}),
+])
+def test_backend_tls_names_each_host_for_itself(bundle: Path, sslmode: str, sslsni: bool,
+                                                expected: dict[str, str | None]) -> None:
+    path = bundle / "dwsproxy.toml"
+    path.write_text(BASE + f'[backend]\nhost = "{",".join(expected)}"\nsslmode = "{sslmode}"\n'
+                    f'sslsni = {"true" if sslsni else "false"}\n'
+                    'sslrootcert = "certs/cacert.pem"\n')
+    btls = loader.load(str(path)).backend_tls
+    assert btls is not None
+    assert {h: btls.server_hostname(h) for h in expected} == expected
