@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.errors import ConfigError
 from ..ops import admin, metrics, sdnotify
-from ..tls import loader
+from ..tls import expiry, loader
 from ..tls.loader import Loaded
 from . import tcp
 from . import workers as workers_mod
@@ -257,6 +257,19 @@ async def _tick(state: ServerState[Session]) -> None:
                     session.idle_marker, session.idle_since = marker, now
                 elif now - session.idle_since >= idle:
                     session.close("idle_timeout")
+
+
+EXPIRY_WARNING_INTERVAL = 86400.0  # seconds: the expiry warnings of a load, repeated daily
+
+
+async def _warn_expiry_daily(state: ServerState[Session],
+                             interval: float = EXPIRY_WARNING_INTERVAL) -> None:
+    """The load's warnings of certificates and CRLs near or past their end, once a day in the
+    main process: a proxy that runs for months without a reload still says, every day, that
+    its CRL ends in 2 days, before clients are refused for it."""
+    while True:
+        await asyncio.sleep(interval)
+        expiry.log_findings(loader.expiry_findings(state.loaded, time.time()))
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
@@ -498,6 +511,7 @@ async def serve(loaded: Loaded, *, worker: bool = False,
                 unix_listener.close()
             return 1
         background.append(loop.create_task(health.run()))
+        background.append(loop.create_task(_warn_expiry_daily(state)))
         metrics.config_loaded(loaded, reload=False)
         if cfg.listen.workers > 1:
             def in_force() -> Snapshot:

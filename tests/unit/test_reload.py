@@ -148,3 +148,31 @@ def test_a_worker_that_cannot_apply_the_configuration_exits_to_be_restarted(
     with pytest.raises(SystemExit) as info:
         run(main())
     assert info.value.code == 3
+
+
+def test_expiry_warnings_repeat_daily_for_the_configuration_in_force(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Not only at load: a proxy that runs for months without a reload keeps saying that its
+    server certificate ends soon (the interval shortened here from a day)."""
+    import datetime as dt
+
+    ca = certs.make_ca("Expiry CA")
+    cert, key = certs.issue(ca, "localhost", server=True,
+                            not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=5))
+    certs.write_certs(tmp_path / "server.crt", cert)
+    certs.write_key(tmp_path / "server.key", key)
+    path = tmp_path / "dwsproxy.toml"
+    path.write_text("[backend]\nhost = \"127.0.0.1\"\nport = 1\n[tls]\n"
+                    "ssl_cert_file = \"server.crt\"\nssl_key_file = \"server.key\"\n")
+    loaded = loader.load(str(path), warn=False)
+
+    async def main() -> None:
+        state: ServerState[Any] = ServerState(loaded)
+        task = asyncio.get_running_loop().create_task(server._warn_expiry_daily(state, 0.05))
+        await asyncio.sleep(0.18)
+        task.cancel()
+
+    with caplog.at_level("WARNING"):
+        run(main())
+    daily = [r for r in caplog.records if "tls.ssl_cert_file" in r.getMessage()]
+    assert len(daily) >= 2, caplog.text
