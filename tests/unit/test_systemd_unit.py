@@ -70,12 +70,12 @@ def test_hardening() -> None:
 def test_command_lines_are_ones_dwsproxy_accepts() -> None:
     parser = cli.build_parser()
     start = shlex.split(one("Service.ExecStart"))
-    pre = shlex.split(one("Service.ExecStartPre"))
-    assert start[0] == pre[0] and start[0].endswith("/dwsproxy")
+    assert start[0].endswith("/dwsproxy")
     args = parser.parse_args(start[1:])
     assert args.command is None and args.config
-    check = parser.parse_args(pre[1:])
-    assert check.command == "check-config" and check.file == args.config
+    # check-config exits 2 for an expired CRL, which the proxy itself only logs: as a
+    # start-up gate it would keep the proxy down for every client after a reboot
+    assert "Service.ExecStartPre" not in directives()
 
 
 @pytest.fixture
