@@ -42,6 +42,7 @@ from .relay import (
     Endpoint,
     c_methods,
     record_cuts,
+    record_overhead,
     seal,
 )
 
@@ -55,8 +56,8 @@ class ClientTls(asyncio.Protocol):
     `inner` (an Endpoint), whose `transport` is this object's `ClientTlsTransport`."""
 
     __slots__ = ("_asked", "_encrypt", "_head", "_held", "_incoming", "_noise", "_outgoing",
-                 "_pending", "_read", "_replies", "_skip", "_turn", "_writing_paused", "facade",
-                 "handshake", "inner", "raw", "sslobj")
+                 "_overhead", "_pending", "_read", "_replies", "_skip", "_turn",
+                 "_writing_paused", "facade", "handshake", "inner", "raw", "sslobj")
 
     def __init__(self, inner: Endpoint, context: ssl.SSLContext,
                  server_hostname: str | None) -> None:
@@ -78,6 +79,7 @@ class ClientTls(asyncio.Protocol):
         self._skip = 0
         self._head = b""
         self._noise = 0  # bytes of records without application data, net
+        self._overhead = RECORD_OVERHEAD  # an application record's own, once the suite is known
         self._held = bytearray()  # the rest of a read, for the next loop turn
         self._turn = False  # that rest is waiting: the raw transport is not read meanwhile
         self._asked = False  # the relay paused reading (flow control)
@@ -116,6 +118,7 @@ class ClientTls(asyncio.Protocol):
                 self.raw.abort()
             return
         self._flush()
+        self._overhead = record_overhead(self.sslobj)
         if not self.handshake.done():
             self.handshake.set_result(None)
 
@@ -141,6 +144,7 @@ class ClientTls(asyncio.Protocol):
                     continue
                 if self.handshake.exception() is not None:
                     return
+            noise = self._noise  # rule 7 below: did this step's records add to it?
             while True:
                 before = incoming.pending
                 try:
@@ -169,7 +173,7 @@ class ClientTls(asyncio.Protocol):
                     break  # (a read takes a record whole: pending() is 0 here, checked anyway)
             if self._outgoing.pending and self._reply():
                 return
-            if end < len(data) and self._noise:
+            if end < len(data) and self._noise > noise:
                 # records without application data in this step: the rest of the read waits
                 # for the next loop turn, so other sessions run between steps of a flood;
                 # `end` is where a record ends, so the held rest starts with a header
@@ -185,7 +189,7 @@ class ClientTls(asyncio.Protocol):
         """relay.py's rule 6 for this hop: True when the backend was closed for a flood."""
         noise = self._noise + consumed
         if plaintext:
-            noise = max(0, noise - plaintext - RECORD_OVERHEAD)
+            noise = max(0, noise - plaintext - self._overhead)
         self._noise = noise
         if noise > TLS_NOISE_LIMIT:
             self._violate(f"more than {TLS_NOISE_LIMIT} bytes of TLS records with no "

@@ -303,8 +303,32 @@ TLS_RECORD_MAX = 8192
 # derivations and a reply (~25-50 us here per 27-byte record): 32 KiB is ~1200 of them.
 TLS_NOISE_LIMIT = 32 * 1024
 # What one application record may take beyond its plaintext (header, explicit IV, MAC or tag,
-# CBC padding up to 255): an application record pays back the rest of this towards rule 6.
+# CBC padding up to 255): an application record pays back at most this much beyond its own
+# plaintext towards rule 6. Only its own overhead, never others' records: with the CBC bound on
+# an AEAD session, each 1-byte record (23 bytes in TLS 1.3) paid back ~300 bytes, 11 KeyUpdates,
+# and a client interleaving them kept the count at 0 while OpenSSL answered 5,000 KeyUpdates
+# in one 256 KiB read (hostile review, 2026-12-06).
 RECORD_OVERHEAD = 5 + 16 + 48 + 256
+# An AEAD record's overhead is fixed by its suite, and is what it pays back exactly: TLS 1.3
+# header 5, inner content type 1, tag 16; TLS 1.2 GCM/CCM header 5, explicit nonce 8, tag 16;
+# TLS 1.2 ChaCha20-Poly1305 header 5, tag 16. With no slack, a KeyUpdate between application
+# records always adds to the count, and every step that had one yields the loop.
+TLS13_RECORD_OVERHEAD = 5 + 1 + 16
+TLS12_GCM_RECORD_OVERHEAD = 5 + 8 + 16
+TLS12_CHACHA_RECORD_OVERHEAD = 5 + 16
+
+
+def record_overhead(sslobj: ssl.SSLObject) -> int:
+    """What an application record of this session adds to its plaintext, at the most."""
+    if sslobj.version() == "TLSv1.3":
+        return TLS13_RECORD_OVERHEAD
+    suite = sslobj.cipher()
+    name = suite[0] if suite else ""
+    if "CHACHA20" in name:
+        return TLS12_CHACHA_RECORD_OVERHEAD
+    if "GCM" in name or "CCM" in name:
+        return TLS12_GCM_RECORD_OVERHEAD
+    return RECORD_OVERHEAD  # CBC, only where an operator enabled such suites
 # Work per step: ciphertext goes to OpenSSL at most this many records (or bytes) at a time, so
 # a read full of KeyUpdates is stopped by rule 6 within a step (~64 records, a few ms). A step
 # is also what the incoming BIO holds at once, and OpenSSL keeps a memory BIO's buffer at the
@@ -411,8 +435,8 @@ class TlsEndpoint(Endpoint):
     """
 
     __slots__ = ("_backlog", "_backlog_size", "_encrypt", "_fast", "_head", "_held", "_incoming",
-                 "_noise", "_outgoing", "_pending", "_read", "_skip", "handshake", "initial",
-                 "raw", "raw_paused", "ssl_object", "state")
+                 "_noise", "_outgoing", "_overhead", "_pending", "_read", "_skip", "handshake",
+                 "initial", "raw", "raw_paused", "ssl_object", "state")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         super().__init__()
@@ -436,6 +460,7 @@ class TlsEndpoint(Endpoint):
         self._held = bytearray()  # rule 3: ciphertext not decrypted while raw_paused
         self._fast = False  # OPEN and not raw_paused: data_received may take its fast path
         self._noise = 0  # rule 6: bytes without application data, net
+        self._overhead = RECORD_OVERHEAD  # an application record's own, once the suite is known
         # Where the next record header starts, for the steps of _receive: bytes of a record
         # still to come, or the first bytes of a header split between reads. Valid while
         # _noise > 0 (a partial record counts as noise until it completes); at 0 the stream
@@ -505,7 +530,7 @@ class TlsEndpoint(Endpoint):
         # One whole application record is the common case, handled here in one frame; the
         # rest (several records, a partial one, close_notify, noise to count) is not.
         if (not chunk or incoming.pending or self._noise
-                or len(data) - len(chunk) > RECORD_OVERHEAD):
+                or len(data) - len(chunk) > self._overhead):
             self._after_read(data, chunk)
             return
         peer = self.peer
@@ -559,10 +584,13 @@ class TlsEndpoint(Endpoint):
                 if self.state is HANDSHAKE:
                     continue
                 return  # failed: the alert is sent, the rest is dropped
+            noise = self._noise
             status = self._read_loop(parts)
             if status:
                 break
-            if end < len(data) and (self.raw_paused or self._noise):
+            # rule 7 after a step whose records added noise (whatever came before it: a
+            # session's few old tickets or alerts must not make it yield for good)
+            if end < len(data) and (self.raw_paused or self._noise > noise):
                 # rule 3, or rule 7 after records without application data: the rest waits;
                 # `end` is where a record ends, so the next one starts there
                 self._skip, self._head = 0, b""
@@ -617,11 +645,12 @@ class TlsEndpoint(Endpoint):
 
     def _account(self, consumed: int, plaintext: int) -> int:
         """Rule 6. `consumed` bytes of ciphertext gave `plaintext` bytes: what did not become
-        plaintext counts, less RECORD_OVERHEAD for an application record. A record split
+        plaintext counts, less the record's own overhead for an application record (the suite's
+        bound, `_overhead`), so that no record pays for another's. A record split
         between reads counts until its end arrives and pays it back."""
         noise = self._noise + consumed
         if plaintext:
-            noise -= plaintext + RECORD_OVERHEAD
+            noise -= plaintext + self._overhead
             if noise < 0:
                 noise = 0
         self._noise = noise
@@ -661,6 +690,7 @@ class TlsEndpoint(Endpoint):
             self._fail(exc)
             return False
         self._flush()
+        self._overhead = record_overhead(self.ssl_object)
         self._set_state(OPEN)
         if not self.handshake.done():  # cancelled if the session was (shutdown)
             self.handshake.set_result(None)
