@@ -61,6 +61,10 @@ class HostState:
     retry_at: float = 0.0  # monotonic: put last until then
     error: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # the last role check's failure, given to every session that waited on it and to those
+    # that ask while the host is in back-off: one hanging host costs one connect_timeout per
+    # back-off, not one per waiting session in turn
+    role_failure: backend_mod.BackendError | None = None
 
     @property
     def address(self) -> str:
@@ -144,10 +148,18 @@ class Backends:
         cfg = loaded.config.backend
         ttl = max(cfg.health_check_interval, ROLE_CACHE_MIN)
         async with st.lock:  # sessions arriving together share one check
-            if st.role is not None and time.monotonic() - st.role_at < ttl:
+            now = time.monotonic()
+            if st.role is not None and now - st.role_at < ttl:
                 return st.role
-            role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls, password)
-            st.role, st.role_at = role, time.monotonic()
+            if st.role_failure is not None and st.retry_at > now:
+                raise st.role_failure
+            try:
+                role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls, password)
+            except backend_mod.BackendError as exc:
+                self._failed(st, f"health check: {exc}")
+                st.role_failure = exc
+                raise
+            st.role, st.role_at, st.role_failure = role, time.monotonic(), None
             return role
 
     # -- a session's backend --------------------------------------------------------------------
@@ -166,8 +178,7 @@ class Backends:
                 if wanted != "any":
                     try:
                         role = await self.role(st, loaded, password)
-                    except backend_mod.BackendError as exc:
-                        self._failed(st, f"health check: {exc}")
+                    except backend_mod.BackendError as exc:  # counted once, by role()
                         tried.append((st.address, f"role unknown: {exc}"))
                         continue
                     misfit = _misfit(wanted, role)
@@ -226,9 +237,13 @@ class Backends:
                           password: str) -> None:
         if cfg.health_check_user:
             async with st.lock:
-                st.role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls,
-                                                       password)
-                st.role_at = time.monotonic()
+                try:
+                    st.role = await backend_mod.check_role(st.host, cfg, loaded.backend_tls,
+                                                           password)
+                except backend_mod.BackendError as exc:
+                    st.role_failure = exc  # sessions in the back-off get it at once
+                    raise
+                st.role_at, st.role_failure = time.monotonic(), None
         else:
             await backend_mod.probe(st.host, cfg, loaded.backend_tls)
 

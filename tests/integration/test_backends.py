@@ -181,3 +181,39 @@ def test_the_health_check_user_logs_in_with_its_password_file(
         assert "h3alth-pw" not in wrong.log() and "wrong" not in proc.stderr
     finally:
         server.stop()
+
+
+def test_sessions_arriving_together_do_not_queue_behind_a_hanging_hosts_role_check(
+        start_proxy: Callable[..., Proxy], pg: TempPostgres) -> None:
+    """A host that completes TCP and never answers (a CN hung in a failover), listed first,
+    with a target_session_attrs that needs its role: eight psql sessions at once. The first
+    role check pays connect_timeout and its failure is given to every session waiting on it,
+    and to later ones while the host is in back-off; before, each waiting session ran its own
+    check in turn (the eighth waited ~8 s at connect_timeout 1). Found by a hostile review."""
+    import socket
+
+    hanging = socket.create_server(("127.0.0.1", 0), backlog=64)  # never accepts, never speaks
+    try:
+        proxy = start_proxy(tls={"ssl": False}, listen={"startup_timeout": 10.0}, backend={
+            "host": ["127.0.0.1", "127.0.0.1"], "port": [hanging.getsockname()[1], pg.port],
+            "connect_timeout": 1.0, "target_session_attrs": "read-write",
+            "health_check_user": "postgres", "health_check_interval": 600.0})
+        took: list[float] = []
+        codes: list[int] = []
+
+        def one() -> None:
+            t0 = time.monotonic()
+            proc = run_psql(f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres "
+                            "sslmode=disable", "SELECT 1", timeout=60)
+            took.append(time.monotonic() - t0)
+            codes.append(proc.returncode)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert codes == [0] * 8
+        assert max(took) < 1.0 + 2.0, sorted(took)  # one role check's timeout, and slack
+    finally:
+        hanging.close()
