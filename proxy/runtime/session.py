@@ -466,10 +466,10 @@ class Session:
         # Sessions are relayed 1:1, so the backend's own BackendKeyData reached the client and
         # the key in this request is the backend's: pass it on unchanged, over the same TLS
         # settings as the sessions, to the host that holds the session. With several hosts,
-        # a key this process did not see (its session is another worker's, or over) goes to
-        # every host: the secret key makes it a no-op where it does not belong.
-        metrics.cancel_request("forwarded")
-        self.outcome = "cancel_forwarded"
+        # a key this process did not see goes nowhere when this is the only process (it is
+        # stale or guessed), and to every host when workers share the port (its session may
+        # be another worker's; the secret key makes it a no-op where it does not belong), each
+        # host charged to the source's cancel rate: one request is not N backend forks.
         cfg = self.cfg.backend
         hosts = cfg.hosts
         if len(hosts) > 1:
@@ -479,6 +479,16 @@ class Session:
             host = self.state.backends.host_of(cfg, address) if address else None
             if host is not None:
                 hosts = (host,)
+            elif self.state.processes == 1:
+                self._cancel_refused("no session of this proxy holds that cancel key")
+                return
+            elif not all(self.state.cancel_allowed(self.peer_host)
+                         for _ in range(len(hosts) - 1)):
+                self._cancel_refused(f"more than {self.state.cancel_rate_text} from "
+                                     f"{self.peer_host} (a key sent to {len(hosts)} hosts)")
+                return
+        metrics.cancel_request("forwarded")
+        self.outcome = "cancel_forwarded"
         self.detail = f"backend {','.join(h.address for h in hosts)}"
         results = await asyncio.gather(
             *(backend_mod.send_cancel(h, cfg, self.loaded.backend_tls, raw) for h in hosts),

@@ -217,3 +217,51 @@ def test_sessions_arriving_together_do_not_queue_behind_a_hanging_hosts_role_che
         assert max(took) < 1.0 + 2.0, sorted(took)  # one role check's timeout, and slack
     finally:
         hanging.close()
+
+
+def test_a_guessed_cancel_key_is_not_fanned_out_to_every_host(
+        start_proxy: Callable[..., Proxy]) -> None:
+    """One process and three hosts: a CancelRequest with a key no session of it holds is
+    stale or guessed; sent to every host it was three backend forks for one request, charged
+    one token of the source's cancel rate (hostile review). Now it goes nowhere."""
+    import contextlib
+    import os
+    import socket
+    import struct
+
+    class Host(threading.Thread):
+        def __init__(self) -> None:
+            super().__init__(daemon=True)
+            self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+            self.port = self.sock.getsockname()[1]
+            self.accepted = 0
+
+        def run(self) -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = self.sock.accept()
+                    self.accepted += 1
+                    conn.close()
+
+    hosts = [Host() for _ in range(3)]
+    for host in hosts:
+        host.start()
+    try:
+        proxy = start_proxy(tls={"ssl": False}, backend={
+            "host": ["127.0.0.1"] * 3, "port": [h.port for h in hosts],
+            "health_check_interval": 600.0})
+        deadline = time.monotonic() + 10
+        while any(h.accepted == 0 for h in hosts):  # the first health round
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = [h.accepted for h in hosts]
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+                sock.sendall(struct.pack("!iiI", 16, 80877102, 4242) + os.urandom(4))
+                with contextlib.suppress(OSError):
+                    sock.recv(1)  # the proxy closes: PostgreSQL never answers a cancel
+        proxy.wait_metric("dwsproxy_cancel_requests_total", 10, result="refused")
+        assert [h.accepted for h in hosts] == before
+    finally:
+        for host in hosts:
+            host.sock.close()
