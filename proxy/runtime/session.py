@@ -239,6 +239,7 @@ class Session:
         if phase is Phase.START:
             if not await self._fill(1):
                 return negotiation.Eof()
+            self.state.budget.spoke(self)  # talking: evicted after the idle ones
             if self._raw[0] == wire.TLS_HANDSHAKE_BYTE:
                 return _CLIENT_HELLO
         elif phase is Phase.TLS:

@@ -173,11 +173,14 @@ class NegotiationBudget:
     address or from many, pays for its own connections, and a source with few slots (a real
     client mid-handshake) is evicted only when every source holds as few. The new connection's
     own source gives up a slot when it holds as many as any other (a tie never goes against
-    the others), and one source holds at most `per_source` slots."""
+    the others), and one source holds at most `per_source` slots. When every source holds
+    one slot (a flood from more addresses than the budget has slots), the oldest connection
+    that has not sent a byte goes first: a flood's sockets are idle, a real client is talking."""
 
     def __init__(self) -> None:
         self.negotiating: dict[Member, str] = {}
         self.by_source: dict[str, dict[Member, None]] = {}
+        self.quiet: dict[Member, None] = {}  # not a byte from them yet, oldest first
         # sources by how many slots they hold, each tier in the order its sources reached it:
         # the source to evict from is the first of the top tier, found without a scan
         self._tiers: dict[int, dict[str, None]] = {}
@@ -193,22 +196,34 @@ class NegotiationBudget:
                         f"connections from that source were negotiating (per-source cap "
                         f"{limits.per_source}), this one the longest")
         if len(self.negotiating) >= limits.negotiating:
-            own = len(self.by_source.get(source, ()))
-            victim_source = source if own >= self._top else next(iter(self._tiers[self._top]))
-            victims = self.by_source[victim_source]
-            self._evict(next(iter(victims)),
-                        f"dropped for a newer connection: {len(self.negotiating)} connections "
-                        f"were negotiating (negotiation budget {limits.negotiating}), "
-                        f"{len(victims)} of them from {victim_source}, the most of any source; "
-                        f"this one its longest")
+            self._make_room(source, limits)
         self.negotiating[session] = source
+        self.quiet[session] = None
         peers = self.by_source.get(source)
         if peers is None:
             peers = self.by_source[source] = {}
         peers[session] = None
         self._move(source, len(peers) - 1, len(peers))
 
+    def _make_room(self, source: str, limits: Limits) -> None:
+        full = (f"dropped for a newer connection: {len(self.negotiating)} connections were "
+                f"negotiating (negotiation budget {limits.negotiating})")
+        own = len(self.by_source.get(source, ()))
+        if self._top == 1 and own == 0 and self.quiet:
+            self._evict(next(iter(self.quiet)), f"{full}, each from a source of its own; this "
+                        "one the longest without sending a byte")
+            return
+        victim_source = source if own >= self._top else next(iter(self._tiers[self._top]))
+        victims = self.by_source[victim_source]
+        self._evict(next(iter(victims)), f"{full}, {len(victims)} of them from "
+                    f"{victim_source}, the most of any source; this one its longest")
+
+    def spoke(self, session: Member) -> None:
+        """The connection's first bytes arrived."""
+        self.quiet.pop(session, None)
+
     def leave(self, session: Member) -> None:
+        self.quiet.pop(session, None)
         source = self.negotiating.pop(session, None)
         if source is None:
             return

@@ -201,3 +201,31 @@ def test_an_ipv6_64_is_one_source_and_ipv4_mapped_is_its_ipv4_address() -> None:
     for i, fake in enumerate(fakes):  # three addresses of one /64: the per-source cap holds
         budget.enter(fake, f"2001:db8::{i + 1}", LIMITS)
     assert fakes[0].evicted and "per-source cap 2" in fakes[0].evicted
+
+
+def test_a_flood_from_more_sources_than_slots_evicts_its_idle_sockets_first() -> None:
+    """Hostile review: with more flooding addresses than the budget has slots, every source
+    holds one and "the source holding the most" was every source: the oldest went, the real
+    client mid-handshake. The flood's sockets have sent nothing; the real client has."""
+    limits = Limits(nofile=1024, in_use=10, share=400, relayed=400, negotiating=25,
+                    per_source=12)
+    budget = NegotiationBudget()
+    real = Fake("real")
+    budget.enter(real, "192.0.2.1", limits)  # the oldest of all
+    budget.spoke(real)  # its ClientHello arrived
+    for n in range(2000):  # a flood from 40 addresses, one socket each at a time
+        budget.enter(Fake(f"f{n}"), f"127.0.{n % 40}.1", limits)
+    assert real.evicted is None
+    assert len(budget.negotiating) == 25
+
+
+def test_with_every_source_talking_the_oldest_still_goes() -> None:
+    limits = Limits(nofile=1024, in_use=10, share=400, relayed=400, negotiating=3,
+                    per_source=2)
+    budget = NegotiationBudget()
+    sessions = [Fake(f"s{n}") for n in range(4)]
+    for n, session in enumerate(sessions[:3]):
+        budget.enter(session, f"10.0.0.{n}", limits)
+        budget.spoke(session)
+    budget.enter(sessions[3], "10.0.0.9", limits)
+    assert sessions[0].evicted and sessions[1].evicted is None
