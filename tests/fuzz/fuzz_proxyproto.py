@@ -15,9 +15,9 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["proxy.proxyproto"]):
-    from proxy import proxyproto, wire
-    from proxy.proxyproto import Local, Malformed, NoHeader, ProxyHeader
+with atheris.instrument_imports(include=["proxy.protocol.proxyproto"]):
+    from proxy.protocol import proxyproto, wire
+    from proxy.protocol.proxyproto import Local, Malformed, NoHeader, ProxyHeader
 
 LONGEST = max(proxyproto.MAX_V1_LINE, proxyproto.MAX_V2_HEADER)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from conftest import REPO, Proxy
 
-from proxy.demo import TempPostgres
+from proxy.tools.demo import TempPostgres
 
 SLEEP = "SELECT pg_sleep(60)"
 

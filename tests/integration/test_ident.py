@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy import certs
+from proxy.tools import certs
 
 IDENT = """
 [[ident]]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import Proxy, clean_env, read_until_close, run_psql
 
-from proxy import proxyproto, wire
-from proxy.demo import free_port, wait_port
+from proxy.protocol import proxyproto, wire
+from proxy.tools.demo import free_port, wait_port
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy"
                                       if Path("/usr/sbin/haproxy").exists() else None)

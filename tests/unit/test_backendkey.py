@@ -7,8 +7,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import wire
-from proxy.backendkey import BackendKey, KeyScan
+from proxy.protocol import wire
+from proxy.protocol.backendkey import BackendKey, KeyScan
 
 
 def message(kind: bytes, body: bytes) -> bytes:

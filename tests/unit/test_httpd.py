@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from proxy import httpd
-from proxy.httpd import Request, Response, host_allowed
+from proxy.ops import httpd
+from proxy.ops.httpd import Request, Response, host_allowed
 
 
 @pytest.mark.parametrize("host, local, ok", [

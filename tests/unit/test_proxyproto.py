@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import proxyproto, wire
-from proxy.proxyproto import Local, Malformed, NoHeader, ProxyHeader, parse_header
+from proxy.protocol import proxyproto, wire
+from proxy.protocol.proxyproto import Local, Malformed, NoHeader, ProxyHeader, parse_header
 
 STARTUP = wire.build_request(wire.SSL_REQUEST_CODE)
 SIG = proxyproto.V2_SIGNATURE

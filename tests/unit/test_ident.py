@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from proxy import identmap
-from proxy.identmap import entry, maps_to
+from proxy.config import ident as identmap
+from proxy.config.ident import entry, maps_to
 
 CORP = [entry("corp", r"/^(.*)@corp\.example$", r"\1"),
         entry("corp", "ops-robot", "monitor"),

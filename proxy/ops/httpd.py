@@ -21,6 +21,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ..config.schema import is_loopback_host
+
+__all__ = ["HttpListener", "Request", "Response", "host_allowed", "is_loopback_host"]
+
 log = logging.getLogger("dwsproxy.http")
 
 MAX_HEAD = 8192  # request line and headers; a view's request is a few hundred bytes
@@ -89,16 +93,6 @@ def host_allowed(host_header: str | None, local: tuple[str, int]) -> bool:
         return False
     mapped = getattr(here, "ipv4_mapped", None)
     return address in (here, mapped)
-
-
-def is_loopback_host(host: str) -> bool:
-    """A listen host that only this machine can reach (a token is optional there)."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def security_headers(csp: str) -> tuple[tuple[str, str], ...]:
