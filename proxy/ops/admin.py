@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
 HTTP_CONNECTIONS = 16  # connections the [admin] listener serves at once
-_TERMINATE = re.compile(r"/sessions/([0-9]+-[0-9]+)/terminate")
+_TERMINATE = re.compile(r"/sessions/([^/]{1,64})/terminate")
 
 
 class SessionView(Protocol):

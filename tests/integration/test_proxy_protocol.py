@@ -7,6 +7,7 @@ connects to HAProxy from 127.0.0.1, the address the header carries."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import struct
@@ -29,7 +30,8 @@ PP = {"proxy_protocol": True, "trusted_proxies": [f"{BALANCER}/32"]}
 
 @pytest.fixture()
 def haproxy(tmp_path: Path) -> Iterator[Callable[[int, str], int]]:
-    """start(proxy_port, "send-proxy" | "send-proxy-v2") -> the port psql connects to."""
+    """start(proxy_port, "send-proxy" | "send-proxy-v2") -> the port psql connects to. Its
+    readiness check is a connection through HAProxy: one header reaches the proxy."""
     if HAPROXY is None:
         pytest.fail("haproxy is not installed (.ci/system-deps installs it)")
     procs: list[subprocess.Popen[bytes]] = []
@@ -72,9 +74,11 @@ def test_psql_through_haproxy_meets_address_rules_by_the_header(
         {"address": f"{BALANCER}/32", "action": "reject"},
         {"address": "127.0.0.1/32", "action": "allow"}])
     front = haproxy(proxy.port, mode)
+    # the fixture's port check went through HAProxy too: a header, then EOF
+    proxy.wait_metric("dwsproxy_proxy_protocol_total", 1, result="accepted")
     done = psql_via(front, "SELECT 'through ' || current_user")
     assert done.returncode == 0 and done.stdout.strip() == "through postgres", done.stderr
-    proxy.wait_metric("dwsproxy_proxy_protocol_total", 1, result="accepted")
+    proxy.wait_metric("dwsproxy_proxy_protocol_total", 2, result="accepted")
     line = proxy.wait_log("application_name=pp-test")
     assert "peer=127.0.0.1:" in line and f"peer={BALANCER}:" not in line
 
@@ -95,11 +99,14 @@ def test_sessions_view_shows_the_header_address(start_proxy: Callable[..., Proxy
     front = haproxy(proxy.port, "send-proxy-v2")
     with psycopg.connect(f"host=127.0.0.1 port={front} user=postgres dbname=postgres "
                          "sslmode=require application_name=pp-view") as conn:
-        local_port = conn.pgconn.socket and socket.socket(fileno=conn.pgconn.socket).getsockname()
+        conn.execute("SELECT 1")
+        mine = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        local_port = mine.getsockname()[1]  # psql's own end, which HAProxy's header names
+        mine.close()
         rows = [s for s in proxy.admin_json("/sessions")["sessions"]
                 if s["application_name"] == "pp-view"]
-        assert len(rows) == 1
-        assert rows[0]["peer"] == f"127.0.0.1:{local_port[1]}"  # psql's own socket
+        assert len(rows) == 1, proxy.admin_json("/sessions")
+        assert rows[0]["peer"] == f"127.0.0.1:{local_port}"
 
 
 def raw_from(port: int, source: str = "127.0.0.1") -> socket.socket:
