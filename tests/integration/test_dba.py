@@ -310,3 +310,45 @@ def test_cli_escapes_what_clients_chose(start_proxy: Callable[..., Proxy], tmp_p
     assert out.returncode == 0, out.stderr
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout
     assert "evil\\x1b]0;owned\\x07\\x1b[2J" in out.stdout
+
+
+def test_terminate_reaches_a_session_held_by_a_worker(start_proxy: Callable[..., Proxy],
+                                                      pg: TempPostgres) -> None:
+    """With workers = 2 the main process serves the admin listener; a session held by the
+    other worker is ended there, its query cancelled."""
+    import psycopg
+
+    proxy = start_proxy(listen={"workers": 2})
+    deadline = time.monotonic() + 20
+    while proxy.log().count("listening on") < 2:
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.05)
+    conns = [connect(proxy, f"w-{i}") for i in range(10)]
+    try:
+        rows = [s for s in proxy.admin_json("/sessions")["sessions"]
+                if (s["application_name"] or "").startswith("w-")]
+        elsewhere = [s for s in rows if s["worker"] != proxy.proc.pid]
+        assert elsewhere, "SO_REUSEPORT gave the other worker none of 10 sessions"
+        target = elsewhere[0]
+        victim = conns[int(target["application_name"][2:])]
+        holder = threading.Thread(target=lambda: _sleep_quietly(victim), daemon=True)
+        holder.start()
+        wait_until(lambda: running(pg, target["backend_pid"]), 10, "pg_sleep running")
+        status, _, body = proxy.admin_http(f"/sessions/{target['id']}/terminate",
+                                           method="POST")
+        assert status == 202, body
+        wait_until(lambda: not activity(pg, f"pid = {target['backend_pid']}"), 3,
+                   "the worker's backend left pg_stat_activity")
+        holder.join(5)
+        others = [c for c in conns if c is not victim]
+        assert all(c.execute("SELECT 1").fetchone() == (1,) for c in others)
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _sleep_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        conn.execute(SLEEP)
