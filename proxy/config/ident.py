@@ -2,8 +2,10 @@
 
 Owns: the `[[ident]]` entries once parsed (map name, system_user as an exact name or a regex,
 pg_user with PostgreSQL's `\\1`), and `maps_to(entries, map, names, user)`: may a certificate
-naming any of `names` log in as `user` through `map`. Must not do I/O or know where the names
-come from (the policy picks them by `clientname`).
+naming any of `names` log in as `user` through `map`. It lives with the config because a bad
+line is refused when the configuration is loaded (schema.py checks each), not at a client's
+login; policy.py asks `maps_to`. Must not do I/O or know where the names come from (the policy
+picks them by `clientname`).
 
 PostgreSQL's semantics (hba.c, check_usermap / check_ident_usermap): the lines of one map are
 read in order and the first whose system_user matches and whose pg_user (after `\\1` is
