@@ -22,13 +22,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import httpd, metrics
+from . import httpd
 
 if TYPE_CHECKING:
     from ..tls.loader import Loaded
 
 WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
-HTTP_CONNECTIONS = 16  # connections the [admin] listener serves at once
 _TERMINATE = re.compile(r"/sessions/([^/]{1,64})/terminate")
 
 
@@ -183,6 +182,10 @@ def _json(status: int, doc: Any) -> httpd.Response:
 def handler(state: StateView, workers: Callable[[], WorkersView | None]) -> httpd.Handler:
     """The [admin] listener's requests: who may ask (Host, token), then the view or action.
     `workers` gives the worker processes once they are started."""
+
+    # Not at import: the CLI imports this module (version()) before it may set
+    # PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads when it is first imported.
+    from . import metrics
 
     async def handle(request: httpd.Request) -> httpd.Response:
         view = _view_name(request.method, request.path)

@@ -27,6 +27,9 @@ __all__ = ["HttpListener", "Request", "Response", "host_allowed", "is_loopback_h
 
 log = logging.getLogger("dwsproxy.http")
 
+# Connections each operator listener serves at once: Prometheus, probes and an operator need
+# a few. server/state.py reserves descriptors for both listeners from this.
+MAX_CONNECTIONS = 16
 MAX_HEAD = 8192  # request line and headers; a view's request is a few hundred bytes
 HEAD_TIMEOUT = 5.0  # seconds to send the request head
 WRITE_TIMEOUT = 10.0  # seconds for the client to take the response

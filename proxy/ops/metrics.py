@@ -328,10 +328,6 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-# Connections the [metrics] listener serves at once: Prometheus and the probes need a few.
-HTTP_CONNECTIONS = 16
-
-
 async def serve_http(host: str, port: int, healthy: Callable[[], bool], *,
                      live: Callable[[], bool] | None = None,
                      ready: Callable[[], Awaitable[bool]] | None = None) -> HttpListener:
@@ -360,4 +356,4 @@ async def serve_http(host: str, port: int, healthy: Callable[[], bool], *,
         return httpd.text(404, "not found")
 
     return httpd.HttpListener(httpd.listen_socket(host, port), handle,
-                              max_connections=HTTP_CONNECTIONS, name="metrics")
+                              max_connections=httpd.MAX_CONNECTIONS, name="metrics")

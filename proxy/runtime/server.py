@@ -520,7 +520,7 @@ async def serve(loaded: Loaded, *, worker: bool = False,
                 http.append(httpd.HttpListener(
                     httpd.listen_socket(cfg.admin.host, cfg.admin.port),
                     admin.handler(state, lambda: workers), name="admin",
-                    max_connections=admin.HTTP_CONNECTIONS))
+                    max_connections=httpd.MAX_CONNECTIONS))
             except OSError as exc:
                 log.error("cannot serve the admin views on %s:%s: %s", cfg.admin.host,
                           cfg.admin.port, exc.strerror)

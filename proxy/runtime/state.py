@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..ops import admin, metrics
+from ..ops import httpd
 from .backends import Backends
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ CANCEL_SOURCES = 4096  # addresses remembered; the least recently seen is forgot
 FD_RESERVE = 32
 # The [metrics] and [admin] listeners: each holds at most twice its cap (httpd.descriptors)
 # and its listening socket; a flood of them waits there, never in the sessions' share.
-HTTP_RESERVE = 2 * (metrics.HTTP_CONNECTIONS + admin.HTTP_CONNECTIONS) + 2
+HTTP_RESERVE = 2 * (2 * httpd.MAX_CONNECTIONS) + 2
 # Client sockets dropped for the negotiation budget close when their task next runs; accepting
 # pauses once this many more than the ceiling are open, so that cannot overrun the descriptors.
 EVICT_SLACK = 16
