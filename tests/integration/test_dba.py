@@ -193,6 +193,8 @@ def test_a_revoking_reload_ends_the_running_query(start_proxy: Callable[..., Pro
         took = wait_until(lambda: not activity(pg, f"pid = {sleeper.pid}"), 3,
                           "the backend left pg_stat_activity")
         print(f"revoked: backend gone after {took:.2f}s")
+        sleeper.thread.join(5)
+        assert "terminating connection: connection refused by rule #1" in str(sleeper.error)
     finally:
         sleeper.close()
 
@@ -206,6 +208,8 @@ def test_shutdown_past_grace_ends_the_running_query(start_proxy: Callable[..., P
         proxy.signal(signal.SIGTERM)
         wait_until(lambda: not activity(pg, f"pid = {sleeper.pid}"), 3.5,
                    "the backend left pg_stat_activity")
+        sleeper.thread.join(5)
+        assert "the proxy is shutting down" in str(sleeper.error), sleeper.error
     finally:
         sleeper.close()
 
