@@ -179,20 +179,19 @@ def _json(status: int, doc: Any) -> httpd.Response:
     return httpd.Response(status, json.dumps(doc, indent=1).encode(), "application/json")
 
 
-def handler(state: StateView, workers: Callable[[], WorkersView | None]) -> httpd.Handler:
+def handler(state: StateView, workers: Callable[[], WorkersView | None],
+            count: Callable[[str, str], None]) -> httpd.Handler:
     """The [admin] listener's requests: who may ask (Host, token), then the view or action.
-    `workers` gives the worker processes once they are started."""
-
-    # Not at import: the CLI imports this module (version()) before it may set
-    # PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads when it is first imported.
-    from . import metrics
+    `workers` gives the worker processes once they are started; `count(view, result)` is
+    metrics.admin_request, handed in by the server: metrics imports this module (version()),
+    and the CLI imports it before prometheus-client may be imported (PROMETHEUS_MULTIPROC_DIR)."""
 
     async def handle(request: httpd.Request) -> httpd.Response:
         view = _view_name(request.method, request.path)
         response = await _answer(request, view, state, workers())
         result = ("ok" if response.status < 400 else
                   "unauthorized" if response.status == 401 else "refused")
-        metrics.admin_request(view, result)
+        count(view, result)
         return response
 
     return handle

@@ -519,7 +519,7 @@ async def serve(loaded: Loaded, *, worker: bool = False,
             try:
                 http.append(httpd.HttpListener(
                     httpd.listen_socket(cfg.admin.host, cfg.admin.port),
-                    admin.handler(state, lambda: workers), name="admin",
+                    admin.handler(state, lambda: workers, metrics.admin_request), name="admin",
                     max_connections=httpd.MAX_CONNECTIONS))
             except OSError as exc:
                 log.error("cannot serve the admin views on %s:%s: %s", cfg.admin.host,
