@@ -48,7 +48,7 @@ lint: $(STAMP)
 # (the seeds in tests/fuzz/corpus stay as they are); a finding is written to .fuzz/ and fails.
 # `make test` runs a short pass of the same targets (tests/fuzz/test_fuzz.py).
 FUZZ_SECONDS ?= 300
-FUZZ_TARGETS := negotiation tls_records
+FUZZ_TARGETS := negotiation tls_records proxyproto
 fuzz: $(STAMP)
 	@for target in $(FUZZ_TARGETS); do \
 	  mkdir -p .fuzz/$$target; \

@@ -214,16 +214,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Path(args.pid_file).unlink(missing_ok=True)
 
 
-def _view_url(args: argparse.Namespace) -> str:
-    if args.url:
-        return str(args.url).rstrip("/")
-    host, port = "127.0.0.1", 9187
+def _view_target(args: argparse.Namespace) -> tuple[str, str]:
+    """The [admin] listener's URL and its token: from --url/--token-file, else from the
+    config file's [admin] table, else the default 127.0.0.1:9188 without a token. The URL is
+    "" when that config says `[admin] enabled = false`."""
+    host, port, token_file = "127.0.0.1", 9188, ""
     if args.view_config:
-        cfg = config_mod.parse(_read_or_exit(args.view_config), args.view_config)
-        host, port = cfg.metrics.host, cfg.metrics.port
+        try:
+            cfg = config_mod.parse(_read_or_exit(args.view_config), args.view_config)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not cfg.admin.enabled:
+            return "", ""  # no admin listener: nothing to read
+        host, port, token_file = cfg.admin.host, cfg.admin.port, cfg.admin.token_file
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = (str(args.url).rstrip("/") if args.url
+           else f"http://{'[' + host + ']' if ':' in host else host}:{port}")
+    token_file = args.token_file or token_file
+    token = ""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            print(f"dwsproxy {args.command}: cannot read the token file {token_file}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return url, token
+
+
+def _admin_request(args: argparse.Namespace, path: str,
+                   method: str = "GET") -> tuple[int, Any] | None:
+    """(HTTP status, JSON document) of an admin request; None (after a message) when the
+    listener cannot be reached."""
+    import urllib.error
+    import urllib.request
+
+    base, token = _view_target(args)
+    if not base:
+        print(f"dwsproxy {args.command}: [admin] enabled = false in {args.view_config}: no "
+              "listener to ask", file=sys.stderr)
+        return None
+    url = f"{base}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, {"error": body.decode(errors="replace").strip()}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"dwsproxy {args.command}: cannot read {url}: {reason}", file=sys.stderr)
+        return None
 
 
 def _read_or_exit(path: str) -> str:
@@ -238,16 +287,13 @@ def _read_or_exit(path: str) -> str:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """`dwsproxy sessions` / `dwsproxy status`: read the admin view and print it."""
-    import urllib.error
-    import urllib.request
-
-    url = f"{_view_url(args)}/{args.command}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            doc = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"dwsproxy {args.command}: cannot read {url}: {reason}", file=sys.stderr)
+    answer = _admin_request(args, f"/{args.command}")
+    if answer is None:
+        return 2
+    status, doc = answer
+    if status != 200:
+        print(f"dwsproxy {args.command}: HTTP {status}: {escape(str(doc.get('error', doc)))}",
+              file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(doc, indent=1))
@@ -258,15 +304,49 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kill(args: argparse.Namespace) -> int:
+    """`dwsproxy kill ID`: POST /sessions/ID/terminate (a token is always needed)."""
+    answer = _admin_request(args, f"/sessions/{urllib_quote(args.id)}/terminate", "POST")
+    if answer is None:
+        return 2
+    status, _ = answer
+    if status == 202:
+        print(f"dwsproxy kill: session {escape(args.id)} terminated (57P01 to the client, its "
+              "running query cancelled)")
+        return 0
+    why = {404: "no such session", 409: "the session is not relaying (yet)",
+           401: "unauthorized: give the [admin] token (--config or --token-file)",
+           403: "refused by the listener's Host check"}.get(status, f"HTTP {status}")
+    print(f"dwsproxy kill: {escape(args.id)}: {why}", file=sys.stderr)
+    return 1
+
+
+def urllib_quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def escape(text: str) -> str:
+    """Text a client chose (application_name, user, certificate subjects), safe for a
+    terminal: control characters (ESC and the rest of C0, DEL, C1) and backslashes written
+    as escapes, so no escape sequence reaches the operator's terminal."""
+    return text.replace("\\", "\\\\").translate(_CONTROL)
+
+
 def _session_table(sessions: list[dict[str, Any]]) -> str:
     head = ("ID", "WORKER", "PEER", "STATE", "USER", "DATABASE", "APPLICATION", "TLS",
-            "CLIENT_CERT", "BACKEND_TLS", "STARTED", "IN", "OUT")
-    rows = [head] + [(s["id"], str(s["worker"]), s["peer"], s["state"], s["user"] or "",
-                      s["database"] or "", s["application_name"] or "",
-                      s["tls"] or "plaintext",
-                      (s["client_cert"] or {}).get("subject", ""), s["backend_tls"],
-                      s["started"], str(s["bytes_in"]), str(s["bytes_out"]))
-                     for s in sessions]
+            "CLIENT_CERT", "BACKEND_TLS", "BACKEND", "BACKEND_PID", "BACKEND_PORT", "STARTED",
+            "IN", "OUT")
+    rows = [head] + [tuple(escape(str(v)) for v in (
+        s["id"], s["worker"], s["peer"], s["state"], s["user"] or "", s["database"] or "",
+        s["application_name"] or "", s["tls"] or "plaintext",
+        (s["client_cert"] or {}).get("subject", ""), s["backend_tls"],
+        s.get("backend") or "", s.get("backend_pid") or "", s.get("backend_local_port") or "",
+        s["started"], s["bytes_in"], s["bytes_out"])) for s in sessions]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
@@ -290,7 +370,8 @@ def _status_report(doc: dict[str, Any]) -> str:
         lines.append(f"certificate:   {c['role']:<14} {c['subject']}  not after {c['not_after']}")
     for c in doc["crls"]:
         lines.append(f"crl:           {c['issuer']}  next update {c['next_update']}")
-    return "\n".join(lines)
+    # certificate subjects and issuers come from files others made; the error from a reload
+    return "\n".join(escape(line) for line in lines)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -314,10 +395,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _get_json(url: str) -> dict[str, Any]:
+def _get_json(url: str, token: str = "") -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=5) as resp:
         doc: dict[str, Any] = json.loads(resp.read())
     return doc
 
@@ -343,9 +427,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if args.pid_file and not args.url and not args.view_config:
         # The proxy's own --config, from its command line: where its /status is.
         args.view_config = _config_of_pid(args.pid_file)
-    url = f"{_view_url(args)}/status"
+    base, token = _view_target(args)  # the [admin] listener, where /status is
+    url = f"{base}/status"
     try:
-        before = _get_json(url)
+        if not base:
+            raise OSError("[admin] enabled = false")
+        before = _get_json(url, token)
         status_error = ""
     except (urllib.error.URLError, OSError, ValueError) as exc:
         before, status_error = {}, str(getattr(exc, "reason", exc))
@@ -371,7 +458,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while True:
         try:
-            reload = _get_json(url).get("reload", {})
+            reload = _get_json(url, token).get("reload", {})
         except (urllib.error.URLError, OSError, ValueError):
             reload = {}
         # The first reload after ours that SIGHUP made (the file watcher may reload too).
@@ -456,6 +543,15 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _admin_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="", help="the [admin] listener, e.g. "
+                        "http://127.0.0.1:9188 (default: from --config, else that)")
+    parser.add_argument("--config", dest="view_config", default="",
+                        help="read [admin] host, port and token_file from this config file")
+    parser.add_argument("--token-file", default="", help="the bearer token ([admin] "
+                        "token_file); overrides the config's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwsproxy",
@@ -477,20 +573,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the proxy's --pid-file (default: the pid /status gives); "
                         "/status is then found from that process's --config")
     reload.add_argument("--config", dest="view_config", default="",
-                        help="read the listener of /status from this config file")
-    reload.add_argument("--url", default="", help="the listener of /status, e.g. "
-                        "http://127.0.0.1:9187 (default: from --config, else that)")
+                        help="read the [admin] listener of /status (and its token) from this "
+                        "config file")
+    reload.add_argument("--url", default="", help="the [admin] listener of /status, e.g. "
+                        "http://127.0.0.1:9188 (default: from --config, else that)")
+    reload.add_argument("--token-file", default="", help="the bearer token ([admin] "
+                        "token_file); overrides the config's")
     reload.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for the result (default 60)")
 
     for name, what in (("sessions", "list the open client connections (every worker)"),
                        ("status", "the configuration in force, workers, policy, certificates")):
         view = sub.add_parser(name, help=what)
-        view.add_argument("--url", default="", help="the [metrics] listener, e.g. "
-                          "http://127.0.0.1:9187 (default: from --config, else that)")
-        view.add_argument("--config", dest="view_config", default="",
-                          help="read [metrics] host/port from this config file")
+        _admin_arguments(view)
         view.add_argument("--json", action="store_true", help="print the JSON view as is")
+    kill = sub.add_parser("kill", help="end one session (57P01 to the client, its running "
+                          "query cancelled): POST /sessions/ID/terminate")
+    kill.add_argument("id", help="the session's id, as `dwsproxy sessions` lists it")
+    _admin_arguments(kill)
     _add_certs_parser(sub)
     probe = sub.add_parser("probe", help="what a libpq client gets from a server with each "
                            "sslmode, and the server's TLS facts")
@@ -524,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_reload(args)
     if args.command in ("sessions", "status"):
         return cmd_view(args)
+    if args.command == "kill":
+        return cmd_kill(args)
     if args.command == "certs":
         from .tools import certs
 

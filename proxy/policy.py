@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from .config.ident import IdentEntry, maps_to
 from .config.schema import CLIENTCERT_LEVELS, Rule, TlsConfig, address_matches
 from .protocol.decision import Allow as Allow
 from .protocol.decision import Decision as Decision
@@ -47,7 +48,8 @@ _SSL_HINT = ("connect with SSL: set sslmode=require (or prefer, verify-ca, verif
              "connection string or PGSSLMODE")
 
 
-def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
+def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts,
+           ident: tuple[IdentEntry, ...] = ()) -> Decision:
     if facts.direct_tls and facts.alpn != ALPN_POSTGRESQL:
         # PostgreSQL 17 requires ALPN on direct TLS, so that a TLS connection meant for another
         # protocol can never be taken for a PostgreSQL one (ALPACA-style cross-protocol attacks).
@@ -72,13 +74,15 @@ def decide(tls: TlsConfig, rules: tuple[Rule, ...], facts: Facts) -> Decision:
         return Reject(error.reason, INVALID_AUTHORIZATION, error.message,
                       hint=error.hint
                       or "use a valid, unrevoked client certificate (PGSSLCERT, PGSSLKEY)")
-    problem = _check_clientcert(tls.clientcert, tls.clientname, facts, "the server")
+    problem = _check_clientcert(tls.clientcert, tls.clientname, facts, "the server",
+                                tls.ident_map, ident)
     if problem is not None:
         return problem
-    return decide_rules(tls.clientname, rules, facts)
+    return decide_rules(tls.clientname, rules, facts, ident)
 
 
-def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts) -> Decision:
+def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts,
+                 ident: tuple[IdentEntry, ...] = ()) -> Decision:
     """The `[[rules]]` part of `decide`; also asked again of open sessions after a reload."""
     if not rules:
         return Allow()
@@ -101,7 +105,8 @@ def decide_rules(clientname: str, rules: tuple[Rule, ...], facts: Facts) -> Deci
                 if facts.encrypted else _SSL_HINT,
             )
         if rule.clientcert:
-            problem = _check_clientcert(rule.clientcert, clientname, facts, rule.describe())
+            problem = _check_clientcert(rule.clientcert, clientname, facts, rule.describe(),
+                                        rule.ident_map, ident)
             if problem is not None:
                 return problem
         return Allow(rule.index)
@@ -143,9 +148,11 @@ def decide_cancel(rules: tuple[Rule, ...], facts: Facts) -> Decision:
                   f"cancel request refused: no rule allows host \"{facts.peer}\"")
 
 
-def _check_clientcert(level: str, clientname: str, facts: Facts, who: str) -> Reject | None:
+def _check_clientcert(level: str, clientname: str, facts: Facts, who: str,
+                      ident_map: str = "", ident: tuple[IdentEntry, ...] = ()) -> Reject | None:
     """The certificate was already verified (CA, CRL, validity) in the handshake when presented;
-    here: is one required, and for verify-full does it name the user."""
+    here: is one required, and for verify-full does it name the user: exactly, or through the
+    [[ident]] map `ident_map` (pg_ident.conf's semantics, config/ident.py)."""
     if CLIENTCERT_LEVELS.index(level) < CLIENTCERT_LEVELS.index("verify-ca"):
         return None
     cert = facts.client_cert
@@ -154,22 +161,36 @@ def _check_clientcert(level: str, clientname: str, facts: Facts, who: str) -> Re
                       f"connection requires a valid client certificate ({who}: clientcert="
                       f"{level})",
                       hint="connect with SSL and set sslcert and sslkey (PGSSLCERT, PGSSLKEY)")
-    if level == "verify-full" and facts.user not in _names(cert, clientname):
-        shown = {"CN": f"CN \"{cert.common_name}\"", "DN": f"DN \"{cert.subject}\"",
-                 "SAN": f"SANs {list(cert.sans)}"}[clientname]
+    if level != "verify-full":
+        return None
+    names = _names(cert, clientname)
+    if ident_map:
+        if maps_to(ident, ident_map, names, facts.user):
+            return None
+    elif facts.user in names:
+        return None
+    shown = {"CN": f"CN \"{cert.common_name}\"", "DN": f"DN \"{cert.subject}\"",
+             "SAN": f"SANs {list(cert.sans)}"}[clientname]
+    if ident_map:
         return Reject("client_cert_invalid", INVALID_AUTHORIZATION,
                       f"certificate authentication failed for user \"{facts.user}\": client "
-                      f"certificate {shown} does not match the user name "
-                      f"({who}: clientcert=verify-full, clientname={clientname})",
-                      hint="connect as the user named in the certificate, or use a certificate "
-                           f"whose {clientname} is the user name")
-    return None
+                      f"certificate {shown} is not mapped to this user by [[ident]] map "
+                      f"\"{ident_map}\" ({who}: clientcert=verify-full, clientname="
+                      f"{clientname}, ident_map={ident_map})",
+                      hint="connect as a user the map gives this certificate")
+    return Reject("client_cert_invalid", INVALID_AUTHORIZATION,
+                  f"certificate authentication failed for user \"{facts.user}\": client "
+                  f"certificate {shown} does not match the user name "
+                  f"({who}: clientcert=verify-full, clientname={clientname})",
+                  hint="connect as the user named in the certificate, or use a certificate "
+                       f"whose {clientname} is the user name")
 
 
 def _names(cert: CertFacts, clientname: str) -> tuple[str, ...]:
     """What verify-full compares with the user name: the CN (PostgreSQL's default), the whole
-    subject DN in RFC 4514 form (clientname=DN), or — opt-in, not PostgreSQL — the DNS and
-    e-mail SANs (a SAN is often a host name, which must not pass for a role by default)."""
+    subject DN in RFC 4514 form (clientname=DN), or — opt-in, not PostgreSQL — the DNS,
+    e-mail and URI SANs (a SPIFFE ID is a URI SAN; a SAN is often a host name, which must not
+    pass for a role by default)."""
     if clientname == "DN":
         return (cert.subject,)
     if clientname == "SAN":

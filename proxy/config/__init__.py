@@ -2,6 +2,7 @@
 validated and frozen.
 
 Owns: ConfigError (the lowest error every layer above may raise or catch), the schema of every
-key (schema), and the bytes of a configuration (snapshot). Must not build TLS objects, do
+key (schema), the bytes of a configuration (snapshot), and the `[[ident]]` user name maps
+with the one pure question they answer (ident). Must not build TLS objects, do
 network I/O or import any other layer of the proxy.
 """

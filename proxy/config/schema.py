@@ -18,11 +18,13 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import ident as ident_mod
 from .errors import ConfigError
+from .ident import IdentEntry
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 CLIENTCERT_LEVELS = ("none", "optional", "verify-ca", "verify-full")
@@ -55,6 +57,9 @@ class ListenConfig:
     unix_socket_dir: str = ""
     unix_socket_mode: str = "0777"  # octal, as PgBouncer's and PostgreSQL's
     unix_socket_group: str = ""
+    # PROXY protocol (HAProxy's v1/v2) from these balancers only; their header names the client
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class BackendConfig:
     sslsni: bool = True
     ssl_min_protocol_version: str = "TLSv1.2"
     sslnegotiation: str = "postgres"
+    application_name_add_host: bool = False
 
     @property
     def hosts(self) -> tuple[BackendHost, ...]:
@@ -132,6 +138,7 @@ class TlsConfig:
     ssl_max_protocol_version: str = ""
     ssl_ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
     direct_ssl: bool = True
+    ident_map: str = ""  # an [[ident]] map verify-full checks the certificate's name with
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ class Rule:
     address: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     ssl_protocols: tuple[str, ...] = ()
     clientcert: str = ""
+    ident_map: str = ""
     action: str = "allow"
 
     def describe(self) -> str:
@@ -204,7 +212,16 @@ def address_matches(net: ipaddress.IPv4Network | ipaddress.IPv6Network,
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9187
-    admin: bool = True  # the read-only admin views (/sessions, /status, /)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin views and actions (admin.md), on a listener apart from [metrics]."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9188
+    token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,6 +239,8 @@ class Config:
     rules: tuple[Rule, ...]
     metrics: MetricsConfig
     reload: ReloadConfig = ReloadConfig()
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    ident: tuple[IdentEntry, ...] = ()
 
     @property
     def cert_requested(self) -> bool:
@@ -349,6 +368,8 @@ _LISTEN = {
     "unix_socket_dir": _as_str,
     "unix_socket_mode": _mode,
     "unix_socket_group": _as_str,
+    "proxy_protocol": _as_bool,
+    "trusted_proxies": lambda path, value: _cidr_list(path, value),
 }
 _BACKEND = {
     "host": _hosts,
@@ -371,6 +392,7 @@ _BACKEND = {
     "sslsni": _as_bool,
     "ssl_min_protocol_version": _one_of(TLS_VERSIONS),
     "sslnegotiation": _one_of(("postgres", "direct")),
+    "application_name_add_host": _as_bool,
 }
 _TLS = {
     "ssl": _as_bool,
@@ -389,8 +411,38 @@ _TLS = {
     "ssl_max_protocol_version": _one_of(TLS_VERSIONS, allow_empty=True),
     "ssl_ciphers": _as_str,
     "direct_ssl": _as_bool,
+    "ident_map": _as_str,
 }
-_METRICS = {"host": _as_str, "port": _port, "admin": _as_bool}
+_METRICS = {"host": _as_str, "port": _port}
+_ADMIN = {"enabled": _as_bool, "host": _as_str, "port": _port, "token_file": _as_str}
+
+
+def _cidr_list(path: str, value: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                                 ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "expected a list of CIDR addresses such as [\"10.0.0.0/8\"]")
+    return tuple(_rule_address(f"{path}[{i}]", _as_str(f"{path}[{i}]", v))
+                 for i, v in enumerate(value))
+
+
+def _ident(index: int, raw: object) -> IdentEntry:
+    prefix = f"ident[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, "expected a table ([[ident]])")
+    values: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in _IDENT:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key (known: {', '.join(_IDENT)})")
+        values[key] = _IDENT[key](f"{prefix}.{key}", value)
+    for key in _IDENT:
+        if not values.get(key):
+            raise ConfigError(f"{prefix}.{key}", "missing or empty")
+    try:
+        return ident_mod.entry(values["map"], values["system_user"], values["pg_user"])
+    except ValueError as exc:
+        part, _, problem = str(exc).partition(": ")
+        key = part if part in _IDENT else "system_user"
+        raise ConfigError(f"{prefix}.{key}", problem or str(exc)) from None
 
 
 def _watch_interval(key: str, value: object) -> float:
@@ -423,8 +475,11 @@ _RULE = {
     "address": _rule_address_key,
     "ssl_protocols": _ssl_protocols,
     "clientcert": _one_of(CLIENTCERT_LEVELS[1:]),
+    "ident_map": _as_str,
     "action": _one_of(RULE_ACTIONS),
 }
+# One [[ident]] table: one line of pg_ident.conf (ident.py).
+_IDENT = {"map": _as_str, "system_user": _as_str, "pg_user": _as_str}
 # Every key the parser accepts, by section: docs/configuration.md is tested against this.
 SCHEMA: Mapping[str, Mapping[str, Callable[[str, object], Any]]] = {
     "listen": _LISTEN,
@@ -433,11 +488,14 @@ SCHEMA: Mapping[str, Mapping[str, Callable[[str, object], Any]]] = {
     "rules": _RULE,
     "metrics": _METRICS,
     "reload": _RELOAD,
+    "admin": _ADMIN,
+    "ident": _IDENT,
 }
 _PATH_KEYS = {
     "listen": ("unix_socket_dir",),
     "backend": ("health_check_password_file", "sslrootcert", "sslcrl", "sslcert", "sslkey",
                 "sslpassword_file", "sslkey_cipher_file", "sslkey_rand_file"),
+    "admin": ("token_file",),
     "tls": (
         "ssl_cert_file",
         "ssl_key_file",
@@ -525,8 +583,18 @@ def parse(text: str, path: str) -> Config:
     listen = ListenConfig(**_section(raw, "listen", _LISTEN, base, ListenConfig()))
     backend = BackendConfig(**_section(raw, "backend", _BACKEND, base, BackendConfig()))
     tls = TlsConfig(**_section(raw, "tls", _TLS, base, TlsConfig()))
+    metrics_raw = raw.get("metrics", {})
+    if isinstance(metrics_raw, dict) and "admin" in metrics_raw:
+        raise ConfigError("metrics.admin", "the admin views moved to their own listener: "
+                          "remove it and use [admin] enabled = true|false (host, port, "
+                          "token_file)")
     metrics = MetricsConfig(**_section(raw, "metrics", _METRICS, base, MetricsConfig()))
     reload = ReloadConfig(**_section(raw, "reload", _RELOAD, base, ReloadConfig()))
+    admin = AdminConfig(**_section(raw, "admin", _ADMIN, base, AdminConfig()))
+    raw_ident = raw.get("ident", [])
+    if not isinstance(raw_ident, list):
+        raise ConfigError("ident", "expected an array of tables ([[ident]])")
+    ident = tuple(_ident(i, r) for i, r in enumerate(raw_ident, start=1))
     raw_rules = raw.get("rules", [])
     if not isinstance(raw_rules, list):
         raise ConfigError("rules", "expected an array of tables ([[rules]])")
@@ -560,7 +628,14 @@ def parse(text: str, path: str) -> Config:
                           "SSLRequest is answered N and sessions are plaintext; set "
                           "require_ssl = false, or ssl = true")
     cfg = Config(path=path, listen=listen, backend=backend, tls=tls,
-                 rules=rules, metrics=metrics, reload=reload)
+                 rules=rules, metrics=metrics, reload=reload,
+                 admin=admin, ident=ident)
+    _check_ident_maps(cfg)
+    _check_admin(admin, metrics)
+    if listen.proxy_protocol and not listen.trusted_proxies:
+        raise ConfigError("listen.trusted_proxies", "is required with listen.proxy_protocol = "
+                          "true: the load balancers allowed to name the client (a header "
+                          "from anyone would let them choose their own address)")
     if cfg.cert_requested and not tls.ssl:
         raise ConfigError("tls.clientcert", "client certificates need tls.ssl = true")
     if cfg.cert_requested and not tls.ssl_ca_file:
@@ -587,6 +662,43 @@ def _check_listen(listen: ListenConfig) -> None:
     if host.startswith("/"):
         raise ConfigError("listen.host", f"{host!r} is a folder, not an address: a Unix "
                           "socket's folder is listen.unix_socket_dir")
+
+
+def _check_ident_maps(cfg: Config) -> None:
+    maps = {entry.map for entry in cfg.ident}
+    uses = [("tls.ident_map", cfg.tls.ident_map, cfg.tls.clientcert)]
+    uses += [(f"rules[{r.index}].ident_map", r.ident_map, r.clientcert) for r in cfg.rules]
+    for key, name, level in uses:
+        if not name:
+            continue
+        if name not in maps:
+            known = ", ".join(sorted(maps)) or "none"
+            raise ConfigError(key, f"no [[ident]] map named {name!r} (maps: {known})")
+        if level != "verify-full":
+            raise ConfigError(key, "is only used by clientcert = \"verify-full\" (a map "
+                              "replaces its exact name match)")
+
+
+def is_loopback_host(host: str) -> bool:
+    """A listen host only this machine can reach (the admin token is optional there)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_admin(admin: AdminConfig, metrics: MetricsConfig) -> None:
+    if not admin.enabled:
+        return
+    if not admin.token_file and not is_loopback_host(admin.host):
+        raise ConfigError("admin.token_file", f"is required when admin.host ({admin.host!r}) "
+                          "is not a loopback address: the views show every session's user, "
+                          "address and certificate")
+    if (admin.host, admin.port) == (metrics.host, metrics.port) and admin.port:
+        raise ConfigError("admin.port", "is the [metrics] listener's port: the admin views "
+                          "need their own")
 
 
 def _check_backend(b: BackendConfig) -> None:

@@ -1,28 +1,40 @@
-"""The read-only admin views on the `[metrics]` listener: GET /sessions, /status and /.
+"""The admin plane on its own `[admin]` listener: GET /sessions, /status and /, and the one
+action, POST /sessions/{id}/terminate.
 
 Owns: what each process reports about itself (its configuration's digests, its sessions),
 gathering that from every worker through the main process (a worker that does not answer in
-time is shown as such and never blocks the page), and the small self-contained HTML status
-page. Must not change anything, never shows a key, a passphrase or a password, and never
-imports the runtime: the server hands in a read-only view of its state (`StateView`) and of its
+time is shown as such and never blocks the page), the small self-contained HTML status page,
+and who may ask: the bearer token (`[admin] token_file`; always needed for an action), the Host
+check and the security headers (httpd.py). Must not change anything but the one session an
+operator names, never shows a key, a passphrase, a password or a backend's secret key, and
+never imports the runtime: the server hands in a view of its state (`StateView`) and of its
 workers (`WorkersView`), which its own classes satisfy.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+
+from . import httpd
 
 if TYPE_CHECKING:
     from ..tls.loader import Loaded
 
 WORKER_TIMEOUT = 1.0  # seconds a worker may take to answer a view
+_TERMINATE = re.compile(r"/sessions/([^/]{1,64})/terminate")
 
 
 class SessionView(Protocol):
     def view(self) -> dict[str, Any]: ...
+
+    def terminate(self, reason: str, message: str) -> bool: ...
 
 
 class StateView(Protocol):
@@ -44,7 +56,8 @@ class StateView(Protocol):
 
 
 class WorkersView(Protocol):
-    async def query(self, kind: str, timeout: float) -> list[dict[str, Any]]: ...
+    async def query(self, kind: str, timeout: float,
+                    **extra: str) -> list[dict[str, Any]]: ...
 
 
 def version() -> str:
@@ -130,18 +143,95 @@ def _cert(role: str, facts: Any) -> dict[str, Any]:
     return {"role": role, "subject": facts.subject, "not_after": _time(facts.not_after)}
 
 
-async def handle(path: str, state: StateView,
-                 workers: WorkersView | None) -> tuple[str, str, bytes] | None:
-    """(status, content type, body) of an admin view, or None when `path` is not one."""
-    if path == "/sessions":
-        doc = await sessions_view(state, workers)
-    elif path == "/status":
-        doc = await status_view(state, workers)
-    elif path == "/":
-        return "200 OK", "text/html; charset=utf-8", PAGE.encode()
-    else:
-        return None
-    return "200 OK", "application/json", json.dumps(doc, indent=1).encode()
+def terminate_here(state: StateView, session_id: str) -> str:
+    """End one of this process's sessions as a revoking reload does: "terminated", or why
+    not ("unknown", "not_relaying")."""
+    session = state.sessions.get(session_id)
+    if session is None:
+        return "unknown"
+    ok = session.terminate("admin", "closed by an operator (POST /sessions/ID/terminate)")
+    return "terminated" if ok else "not_relaying"
+
+
+async def terminate(state: StateView, workers: WorkersView | None, session_id: str) -> str:
+    """The session's process ends it: this one, or the worker whose pid the id starts with."""
+    if session_id.split("-", 1)[0] == str(os.getpid()) or workers is None:
+        return terminate_here(state, session_id)
+    answers = await workers.query("terminate", WORKER_TIMEOUT, session=session_id)
+    results = [a.get("terminate") for a in answers]
+    for result in ("terminated", "not_relaying"):
+        if result in results:
+            return result
+    return "unknown"
+
+
+def _view_name(method: str, path: str) -> str:
+    if path == "/":
+        return "page"
+    if path in ("/status", "/sessions"):
+        return path[1:]
+    if _TERMINATE.fullmatch(path):
+        return "terminate"
+    return "other"
+
+
+def _json(status: int, doc: Any) -> httpd.Response:
+    return httpd.Response(status, json.dumps(doc, indent=1).encode(), "application/json")
+
+
+def handler(state: StateView, workers: Callable[[], WorkersView | None],
+            count: Callable[[str, str], None]) -> httpd.Handler:
+    """The [admin] listener's requests: who may ask (Host, token), then the view or action.
+    `workers` gives the worker processes once they are started; `count(view, result)` is
+    metrics.admin_request, handed in by the server: metrics imports this module (version()),
+    and the CLI imports it before prometheus-client may be imported (PROMETHEUS_MULTIPROC_DIR)."""
+
+    async def handle(request: httpd.Request) -> httpd.Response:
+        view = _view_name(request.method, request.path)
+        response = await _answer(request, view, state, workers())
+        result = ("ok" if response.status < 400 else
+                  "unauthorized" if response.status == 401 else "refused")
+        count(view, result)
+        return response
+
+    return handle
+
+
+async def _answer(request: httpd.Request, view: str, state: StateView,
+                  workers: WorkersView | None) -> httpd.Response:
+    if not httpd.host_allowed(request.headers.get("host"), request.local):
+        # DNS rebinding: a page of another site, resolved to this address, reading the views
+        return httpd.text(403, "Host not allowed: use the listener's address or localhost")
+    token = state.loaded.admin_token
+    action = view == "terminate"
+    if token or action:
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if not token:
+            return httpd.Response(401, b"actions need a token: set [admin] token_file\n",
+                                  headers=(("WWW-Authenticate", "Bearer"),))
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
+                                                                 token.encode()):
+            return httpd.Response(401, b"a valid Authorization: Bearer token is required\n",
+                                  headers=(("WWW-Authenticate", "Bearer"),))
+    if action:
+        if request.method != "POST":
+            return httpd.text(405, "POST only")
+        found = _TERMINATE.fullmatch(request.path)
+        assert found is not None
+        result = await terminate(state, workers, found.group(1))
+        status = {"terminated": 202, "not_relaying": 409}.get(result, 404)
+        return _json(status, {"id": found.group(1), "result": result})
+    if request.method not in ("GET", "HEAD"):
+        return httpd.text(405, "GET only")
+    if view == "sessions":
+        return _json(200, await sessions_view(state, workers))
+    if view == "status":
+        return _json(200, await status_view(state, workers))
+    if view == "page":
+        return httpd.Response(200, PAGE.encode(), "text/html; charset=utf-8",
+                              headers=(("Content-Security-Policy", PAGE_CSP),))
+    return httpd.text(404, "not found")
 
 
 # The status page: no external assets, it renders /status and /sessions and refreshes itself.
@@ -164,7 +254,7 @@ th{background:#f3f3f3}.plain{background:#ffe7e7}.ok{color:#176a1e}.bad{color:#b0
 <h2>Sessions <span id="count" class="muted"></span></h2>
 <table id="sessions"><tr><th>peer</th><th>state</th><th>user</th><th>database</th>
 <th>application</th><th>encryption</th><th>client certificate</th><th>backend TLS</th>
-<th>started</th><th>bytes in/out</th></tr></table>
+<th>backend pid</th><th>started</th><th>bytes in/out</th></tr></table>
 <p class="muted">Plaintext sessions are marked. Refreshes every 5 s.</p>
 <script>
 "use strict";
@@ -206,7 +296,7 @@ async function refresh() {
       cell(row, s.peer); cell(row, s.state); cell(row, s.user); cell(row, s.database);
       cell(row, s.application_name); cell(row, s.encryption === "tls" ? s.tls : "plaintext");
       cell(row, s.client_cert ? s.client_cert.subject : ""); cell(row, s.backend_tls);
-      cell(row, s.started); cell(row, s.bytes_in + " / " + s.bytes_out);
+      cell(row, s.backend_pid); cell(row, s.started); cell(row, s.bytes_in + " / " + s.bytes_out);
     }
   } catch (err) {
     document.getElementById("sync").textContent = "cannot read the views: " + err;
@@ -216,3 +306,14 @@ refresh();
 setInterval(refresh, 5000);
 </script></body></html>
 """
+
+
+def _inline_hash(tag: str) -> str:
+    body = PAGE.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+
+
+# The page's own script and style by hash, fetches to this origin only, and never in a frame.
+PAGE_CSP = (f"default-src 'none'; script-src {_inline_hash('script')}; "
+            f"style-src {_inline_hash('style')}; connect-src 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'; form-action 'none'")

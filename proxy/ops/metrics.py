@@ -1,7 +1,7 @@
 """Every metric of docs/metrics.md, declared once, and the HTTP endpoint serving them.
 
 Owns: metric objects and their label values, the byte counters' periodic flush, and the tiny
-HTTP server for GET /metrics and GET /healthz. Must not decide policy or touch client sockets.
+HTTP listener for GET /metrics and GET /healthz. Must not decide policy or touch client sockets.
 
 With several workers prometheus-client's multiprocess mode is used: the CLI sets
 PROMETHEUS_MULTIPROC_DIR before this module is first imported (the library reads it at import).
@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 if TYPE_CHECKING:
     from ..tls.contexts import BackendTls, ServerTls
     from ..tls.loader import Loaded
+    from .httpd import HttpListener
 
 log = logging.getLogger("dwsproxy.metrics")
 
@@ -85,14 +86,28 @@ CANCELS = Counter("dwsproxy_cancel_requests_total", "CancelRequest packets, by w
                   ["result"])
 TERMINATED = Counter(
     "dwsproxy_sessions_terminated_total",
-    "Open sessions closed by a reload (a CRL revoking their certificate, rules refusing them).",
+    "Open sessions ended by the proxy: by a reload (a CRL revoking their certificate, rules "
+    "refusing them) or by hand (admin).",
     ["reason"])
-TERMINATE_REASONS = ("client_cert_revoked", "client_cert_invalid", "rule")
+# revoked by a reload's CRLs, no longer trusted by its CA file, refused by its rules, or ended
+# by hand (POST /sessions/{id}/terminate)
+TERMINATE_REASONS = ("client_cert_revoked", "client_cert_invalid", "rule", "admin")
 ENDED = Counter(
     "dwsproxy_sessions_ended_total",
     "Relayed sessions by who ended them and how, each once.", ["end"])
 SESSION_ENDS = ("client_closed", "client_reset", "backend_closed", "backend_reset",
                 "idle_timeout", "shutdown", "terminated")
+PROXY_PROTOCOL = Counter(
+    "dwsproxy_proxy_protocol_total",
+    "PROXY protocol headers ([listen] proxy_protocol): accepted, or refused and closed "
+    "(malformed, too long, incomplete, missing from a trusted balancer, or sent by an "
+    "untrusted peer).", ["result"])
+ADMIN_REQUESTS = Counter(
+    "dwsproxy_admin_requests_total", "Requests to the [admin] listener, by view and result "
+    "(ok; unauthorized: no or a wrong token; refused: a foreign Host, an unknown view or "
+    "session, a bad request).", ["view", "result"])
+ADMIN_VIEWS = ("page", "status", "sessions", "terminate", "other")
+ADMIN_RESULTS = ("ok", "unauthorized", "refused")
 
 
 class _TlsFacts:
@@ -182,6 +197,10 @@ for _result in ("success", "failure"):
     RELOADS.labels(_result)
 _CANCEL_SERIES = {result: CANCELS.labels(result) for result in ("forwarded", "refused")}
 _TERMINATED_SERIES = {reason: TERMINATED.labels(reason) for reason in TERMINATE_REASONS}
+_PROXY_PROTOCOL_SERIES = {result: PROXY_PROTOCOL.labels(result)
+                          for result in ("accepted", "refused")}
+_ADMIN_SERIES = {(view, result): ADMIN_REQUESTS.labels(view, result)
+                 for view in ADMIN_VIEWS for result in ADMIN_RESULTS}
 _BYTES_C2B = BYTES.labels("client_to_backend")
 _BYTES_B2C = BYTES.labels("backend_to_client")
 
@@ -226,6 +245,14 @@ def session_ended(end: str) -> None:
 
 def terminated(reason: str) -> None:
     _TERMINATED_SERIES[reason].inc()
+
+
+def proxy_protocol(result: str) -> None:
+    _PROXY_PROTOCOL_SERIES[result].inc()
+
+
+def admin_request(view: str, result: str) -> None:
+    _ADMIN_SERIES[(view if view in ADMIN_VIEWS else "other", result)].inc()
 
 
 def ssl_request(answer: str) -> None:
@@ -301,51 +328,32 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
-AdminViews = Callable[[str], Awaitable[tuple[str, str, bytes] | None]]
-
-
-async def serve_http(host: str, port: int, healthy: Callable[[], bool],
-                     admin: AdminViews | None = None, *,
+async def serve_http(host: str, port: int, healthy: Callable[[], bool], *,
                      live: Callable[[], bool] | None = None,
-                     ready: Callable[[], Awaitable[bool]] | None = None
-                     ) -> asyncio.AbstractServer:
+                     ready: Callable[[], Awaitable[bool]] | None = None) -> HttpListener:
     """GET /metrics (Prometheus text), GET /healthz, /livez (the process serves) and /readyz
-    (a backend answered within connect_timeout), each 200 or 503, and the admin views
-    (admin.py) unless they are switched off."""
+    (a backend answered within connect_timeout), each 200 or 503; at most
+    httpd.MAX_CONNECTIONS at once. The admin views have their own listener (admin.py)."""
+    from . import httpd
+
     reg = registry()
+    loop = asyncio.get_running_loop()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            parts = head.split(b"\r\n", 1)[0].split()
-            method = parts[0] if parts else b""
-            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-            if method not in (b"GET", b"HEAD"):
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == b"/metrics":
-                body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, reg)
-                status, ctype = "200 OK", CONTENT_TYPE_LATEST
-            elif path in (b"/healthz", b"/livez", b"/readyz"):
-                if path == b"/livez":
-                    ok = (live or healthy)()
-                elif path == b"/readyz":
-                    ok = await ready() if ready is not None else healthy()
-                else:
-                    ok = healthy()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
+    async def handle(request: httpd.Request) -> httpd.Response:
+        if request.method not in ("GET", "HEAD"):
+            return httpd.text(405, "GET only")
+        if request.path == "/metrics":
+            body = await loop.run_in_executor(None, generate_latest, reg)
+            return httpd.Response(200, body, CONTENT_TYPE_LATEST)
+        if request.path in ("/healthz", "/livez", "/readyz"):
+            if request.path == "/livez":
+                ok = (live or healthy)()
+            elif request.path == "/readyz":
+                ok = await ready() if ready is not None else healthy()
             else:
-                view = await admin(path.decode("latin-1")) if admin is not None else None
-                status, ctype, body = view or ("404 Not Found", "text/plain", b"not found\n")
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + (body if method != b"HEAD" else b""))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            pass
-        finally:
-            writer.close()
+                ok = healthy()
+            return httpd.text(200 if ok else 503, "ok" if ok else "unhealthy")
+        return httpd.text(404, "not found")
 
-    return await asyncio.start_server(handle, host, port)
+    return httpd.HttpListener(httpd.listen_socket(host, port), handle,
+                              max_connections=httpd.MAX_CONNECTIONS, name="metrics")

@@ -211,6 +211,25 @@ def build_startup_message(parameters: dict[str, str], major: int = 3, minor: int
     return struct.pack("!i", len(body) + 4) + body
 
 
+# NAMEDATALEN - 1: PostgreSQL keeps this many bytes of application_name (pg_stat_activity).
+APPLICATION_NAME_MAX = 63
+
+
+def application_name_with_host(startup: StartupMessage, address: str) -> bytes:
+    """The StartupMessage with PgBouncer's application_name_add_host applied: "NAME - ADDRESS"
+    ("app" when the client gave none). Only the client's part is cut to fit NAMEDATALEN, never
+    the address; and its characters outside printable ASCII become "?" first, as PostgreSQL
+    15 cleans them (16 and later escape each byte as four characters, which would push the
+    address out)."""
+    suffix = f" - {address}"
+    name = startup.application_name or "app"
+    name = "".join(c if " " <= c <= "~" else "?" for c in name)
+    name = name[:max(0, APPLICATION_NAME_MAX - len(suffix))]
+    parameters = dict(startup.parameters)
+    parameters["application_name"] = name + suffix
+    return build_startup_message(parameters, startup.major, startup.minor)
+
+
 def build_request(code: int) -> bytes:
     return struct.pack("!iI", 8, code)
 

@@ -77,7 +77,7 @@ class Endpoint(asyncio.Protocol):
 
     # No per-instance dict: two or three of these live as long as each session.
     __slots__ = ("_close_timer", "_paused", "_waiter", "buffer", "closed", "ended", "eof", "last",
-                 "peer", "received", "transport", "violation")
+                 "peer", "received", "transport", "violation", "watch")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -96,6 +96,9 @@ class Endpoint(asyncio.Protocol):
         # connection; the lower order of the two sides says who ended a session
         # and the tail of what the other side last sent by then (Session._ended_by)
         self.ended: tuple[int, str, bytes] | None = None
+        # Shown each relayed chunk, in order, until it returns True (the session's
+        # backendkey.KeyScan over the backend's first messages); never changes a byte.
+        self.watch: Callable[[bytes], bool] | None = None
 
     def _mark_end(self, how: str) -> None:
         if self.ended is None:
@@ -115,6 +118,8 @@ class Endpoint(asyncio.Protocol):
             self.last = data[-6:]
             assert peer.transport is not None
             peer.transport.write(data)
+            if self.watch is not None and self.watch(data):
+                self.watch = None
             return
         # Decrypted data may arrive before start_tls()/connect_accepted_socket() returns
         # (TLS 1.3 sends Finished and the StartupMessage in one flight): keep it, never drop it.
@@ -277,6 +282,8 @@ def link(client: Endpoint, backend: Endpoint, first: bytes) -> None:
         backend.received += len(data)
         backend.last = data[-6:]  # a ReadyForQuery there is a message boundary (terminate)
         client.transport.write(data)
+        if backend.watch is not None and backend.watch(data):
+            backend.watch = None
     client._resume(STARTUP)
     if client.eof:
         client.eof_received()
@@ -787,6 +794,8 @@ class ToTlsEndpoint(Endpoint):
             return
         self.received += len(data)
         self.last = data[-6:]
+        if self.watch is not None and self.watch(data):
+            self.watch = None
         try:
             # a memory BIO takes it all: no partial write
             if len(data) <= TLS_RECORD_MAX:

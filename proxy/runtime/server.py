@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config.errors import ConfigError
-from ..ops import admin, metrics, sdnotify
+from ..ops import admin, httpd, metrics, sdnotify
 from ..tls import expiry, loader
 from ..tls.loader import Loaded
 from . import tcp
@@ -310,10 +310,13 @@ async def _reload(state: ServerState[Session], trigger: str = "SIGHUP") -> Loade
     new = loaded.config
     restart_only = ("host", "port", "workers", "unix_socket_dir", "unix_socket_mode",
                     "unix_socket_group")
-    if ([getattr(new.listen, k) for k in restart_only], new.metrics) != (
-            [getattr(old.listen, k) for k in restart_only], old.metrics):
-        log.warning("listen.host/port/workers/unix_socket_* and [metrics] changes take effect "
-                    "on restart only")
+    admin_at = ("enabled", "host", "port")
+    if ([getattr(new.listen, k) for k in restart_only], new.metrics,
+            [getattr(new.admin, k) for k in admin_at]) != (
+            [getattr(old.listen, k) for k in restart_only], old.metrics,
+            [getattr(old.admin, k) for k in admin_at]):
+        log.warning("listen.host/port/workers/unix_socket_*, [metrics] and [admin] "
+                    "enabled/host/port changes take effect on restart only")
     metrics.config_loaded(loaded, reload=True)
     _apply(state, loaded)
     return loaded
@@ -411,6 +414,10 @@ async def _worker_message(state: ServerState[Session],
     bug) must not leave it serving the old policy for good: it exits, and the main process
     restarts it with the configuration in force."""
     if message.get("type") == "query":
+        if message.get("kind") == "terminate":
+            result = admin.terminate_here(state, str(message.get("session", "")))
+            return {"type": "reply", "id": message.get("id"),
+                    "status": {"pid": os.getpid(), "terminate": result}}
         return {"type": "reply", "id": message.get("id"),
                 "status": admin.process_status(state, str(message.get("kind")))}
     if message.get("type") != "config":
@@ -434,7 +441,7 @@ async def _drain(state: ServerState[Session], grace: float) -> None:
     if state.tasks:
         log.warning("shutdown grace of %.0fs over: closing %d sessions", grace, len(state.tasks))
         for session in list(state.live):
-            session.close("shutdown")
+            session.shut_down()  # the running query cancelled, 57P01 to the client
         await asyncio.wait(list(state.tasks), timeout=TLS_CLOSE_WAIT)
         for task in list(state.tasks):
             task.cancel()
@@ -488,7 +495,7 @@ async def serve(loaded: Loaded, *, worker: bool = False,
         log.info("listening on %s", unix_path)
     background = [loop.create_task(_tick(state))]
     stop = asyncio.Event()
-    http = None
+    http: list[httpd.HttpListener] = []
     workers: Workers | None = None
     if not worker:
         health = BackendHealth(state)
@@ -498,11 +505,9 @@ async def serve(loaded: Loaded, *, worker: bool = False,
             return listener.accepting and (workers is None or workers.alive())
 
         try:  # before any worker exists: a busy metrics port fails the start cleanly
-            http = await metrics.serve_http(
+            http.append(await metrics.serve_http(
                 cfg.metrics.host, cfg.metrics.port,
-                lambda: live() and health.ok,
-                (lambda path: admin.handle(path, state, workers)) if cfg.metrics.admin
-                else None, live=live, ready=health.ready)
+                lambda: live() and health.ok, live=live, ready=health.ready))
         except OSError as exc:
             log.error("cannot serve metrics on %s:%s: %s", cfg.metrics.host, cfg.metrics.port,
                       exc.strerror)
@@ -510,6 +515,24 @@ async def serve(loaded: Loaded, *, worker: bool = False,
             if unix_listener is not None:
                 unix_listener.close()
             return 1
+        if cfg.admin.enabled:
+            try:
+                http.append(httpd.HttpListener(
+                    httpd.listen_socket(cfg.admin.host, cfg.admin.port),
+                    admin.handler(state, lambda: workers, metrics.admin_request), name="admin",
+                    max_connections=httpd.MAX_CONNECTIONS))
+            except OSError as exc:
+                log.error("cannot serve the admin views on %s:%s: %s", cfg.admin.host,
+                          cfg.admin.port, exc.strerror)
+                for one in http:
+                    one.close()
+                listener.close()
+                if unix_listener is not None:
+                    unix_listener.close()
+                return 1
+            where = http[-1].address
+            log.info("admin views on %s:%s%s", where[0], where[1],
+                     "" if loaded.admin_token else " (no token: loopback only)")
         background.append(loop.create_task(health.run()))
         background.append(loop.create_task(_warn_expiry_daily(state)))
         metrics.config_loaded(loaded, reload=False)
@@ -563,8 +586,8 @@ async def serve(loaded: Loaded, *, worker: bool = False,
     if workers is not None and not await workers.wait(
             state.config.listen.shutdown_grace + TLS_CLOSE_WAIT + 2):
         status = 1
-    if http is not None:
-        http.close()
+    for one in http:
+        one.close()
     for task in background:
         task.cancel()
     return status

@@ -30,8 +30,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import policy
+from ..config.schema import address_matches
 from ..ops import metrics
-from ..protocol import negotiation, wire
+from ..protocol import negotiation, proxyproto, wire
+from ..protocol.backendkey import BackendKey, KeyScan
 from ..protocol.negotiation import (
     AskPolicy,
     Close,
@@ -73,13 +75,13 @@ RAW_READ = 8192
 class Session:
     # Slots, not a per-instance dict: a session lives as long as its client, and idle
     # sessions are most of a busy proxy's memory.
-    __slots__ = ("_addr", "_raw", "_terminate_deadline", "alpn", "backend", "backend_encrypted",
-                 "backend_host", "cancel_key",
+    __slots__ = ("_addr", "_header_pending", "_raw", "_terminate_deadline", "alpn", "backend",
+                 "backend_encrypted", "backend_host", "backend_keys", "cancel_key",
                  "cert_error", "cipher", "client", "client_cert", "detail", "direct",
                  "encrypted", "end", "evicted", "facts", "flushed_b2c", "flushed_c2b", "id",
                  "idle_marker", "idle_since", "linked", "loaded", "local", "loop", "negotiation",
                  "outcome", "peer_addr", "peer_chain", "peer_host", "sock", "started",
-                 "started_at", "startup", "state", "terminating", "tls_version")
+                 "started_at", "startup", "state", "terminating", "tls_version", "via")
 
     def __init__(self, sock: socket.socket, state: ServerState[Session],
                  addr: Any = None) -> None:
@@ -111,6 +113,9 @@ class Session:
         self.backend_encrypted = False
         self.backend_host: HostState | None = None  # the host of [backend] host serving it
         self.cancel_key: bytes | None = None  # its BackendKeyData, with several hosts
+        self.backend_keys: KeyScan | None = None  # the BackendKeyData seen in passing
+        self.via = ""  # the load balancer's address when a PROXY header named the client
+        self._header_pending = False  # reading the PROXY protocol header
         self.terminating: bytes | None = None  # the FATAL a reload ends this session with
         self._terminate_deadline = 0.0
         self.outcome = "closed"
@@ -141,6 +146,11 @@ class Session:
             try:
                 allowed = await within(self.cfg.listen.startup_timeout, self._negotiate())
             except TimeoutError:
+                if self._header_pending:
+                    self._proxy_refused("the PROXY protocol header was incomplete after "
+                                        f"listen.startup_timeout "
+                                        f"({self.cfg.listen.startup_timeout}s)")
+                    return
                 self._reject("startup_timeout",
                              f"start-up not finished within {self.cfg.listen.startup_timeout}s")
                 return
@@ -251,6 +261,8 @@ class Session:
         return await self._read_raw_packet()
 
     async def _negotiate(self) -> bool:
+        if self.cfg.listen.proxy_protocol and not await self._proxy_header():
+            return False
         neg = self.negotiation
         event: negotiation.Event | None = None
         while True:
@@ -300,6 +312,59 @@ class Session:
                     self._catch_up()
                     await self._cancel(action.request)
                     return False
+
+    # -- the PROXY protocol header, before anything else -----------------------------------------
+    async def _proxy_header(self) -> bool:
+        """With `[listen] proxy_protocol`: a trusted balancer's connection must begin with a
+        header, whose source becomes this session's peer for rules, cancel limits, logs, views
+        and metrics; anyone else's must not begin with one. Nothing is answered before the
+        header is whole (the spec: the receiver "MUST NOT start processing the connection"
+        before it). False: the connection was closed, counted."""
+        peer = self._peer_ip()
+        trusted = peer is not None and any(
+            address_matches(net, peer) for net in self.cfg.listen.trusted_proxies)
+        raw = self._raw
+        self._header_pending = True
+        while True:
+            event, used = proxyproto.parse_header(raw)
+            if not isinstance(event, wire.NeedMore):
+                break
+            if not await self._fill(len(raw) + event.count):
+                self._header_pending = False
+                if not raw:
+                    self._quiet_close()  # a bare TCP connect: a balancer's port check
+                else:
+                    self._proxy_refused("the connection closed before the PROXY protocol "
+                                        "header was whole (incomplete header)")
+                return False
+        self._header_pending = False
+        if not trusted:
+            if isinstance(event, proxyproto.NoHeader):
+                return True  # an ordinary client, judged by its own address
+            self._proxy_refused(f"a PROXY protocol header from an untrusted peer "
+                                f"{self.peer_addr} (listen.trusted_proxies)")
+            return False
+        if isinstance(event, proxyproto.NoHeader):
+            self._proxy_refused(f"no PROXY protocol header from the trusted balancer "
+                                f"{self.peer_addr} (listen.proxy_protocol is on)")
+            return False
+        if isinstance(event, proxyproto.Malformed):
+            self._proxy_refused(f"malformed PROXY protocol header from {self.peer_addr}: "
+                                f"{event.reason}")
+            return False
+        del raw[:used]
+        metrics.proxy_protocol("accepted")
+        if isinstance(event, proxyproto.ProxyHeader):
+            self.via = self.peer_addr
+            host, port = event.source
+            self.peer_host = host
+            self.peer_addr = f"{host}:{port}"  # as for a direct client
+        return True
+
+    def _proxy_refused(self, detail: str) -> None:
+        metrics.proxy_protocol("refused")
+        self.outcome = "proxy_protocol"
+        self.detail = detail
 
     async def _wrap(self) -> Endpoint:
         endpoint = Endpoint()
@@ -419,7 +484,7 @@ class Session:
         self.facts = self._facts(user=event.user, database=event.database,
                                  application_name=event.application_name,
                                  replication=event.replication == "physical")
-        return policy.decide(self.cfg.tls, self.cfg.rules, self.facts)
+        return policy.decide(self.cfg.tls, self.cfg.rules, self.facts, self.cfg.ident)
 
     def _ask_policy(self, startup: wire.StartupMessage) -> policy.Decision:
         """The decision on a StartupMessage: the connection limit, the replication parameter,
@@ -527,6 +592,11 @@ class Session:
         self.backend_host = chosen.state
         self.backend = backend
         self.backend_encrypted = connected.encrypted
+        # The backend's BackendKeyData passes through to the client; the session keeps a copy:
+        # /sessions joins pg_stat_activity by its pid, and a termination cancels the running
+        # query with its key.
+        self.backend_keys = KeyScan()
+        backend.watch = self.backend_keys.feed
         # a backend that vanished without FIN/RST is seen too, not only a dead client
         tcp.apply(backend.transport and backend.transport.get_extra_info("socket"),
                   self.cfg.listen)
@@ -539,7 +609,7 @@ class Session:
             # The StartupMessage alone: whatever the client pipelined after it stays in
             # client.buffer until link(), after the last check, so that a session refused
             # there has had no query run on the backend.
-            self._to_backend(self.startup.raw)
+            self._to_backend(self._startup_for_backend())
         if not await self._backend_spoke():
             return
         # No await from here to link(): the session is judged by the configuration in force
@@ -576,6 +646,8 @@ class Session:
         self.backend.received += len(data)
         self.backend.last = data[-6:]
         self.client.transport.write(data)
+        if self.backend.watch is not None and self.backend.watch(data):
+            self.backend.watch = None
 
     async def _backend_spoke(self) -> bool:
         """Wait for the backend's first answer to the StartupMessage. Until a byte of it is
@@ -624,6 +696,42 @@ class Session:
             return False
         return True
 
+    def _startup_for_backend(self) -> bytes:
+        """The client's StartupMessage as the backend gets it: unchanged, or with the client's
+        address added to application_name ([backend] application_name_add_host). The rules
+        judged the client's own."""
+        assert self.startup is not None
+        if not self.cfg.backend.application_name_add_host:
+            return self.startup.raw
+        host, _, port = self.peer_addr.rpartition(":")
+        address = f"[{host}]:{port}" if ":" in host else self.peer_addr
+        return wire.application_name_with_host(self.startup, address)
+
+    @property
+    def backend_key(self) -> BackendKey | None:
+        return self.backend_keys.key if self.backend_keys is not None else None
+
+    def _cancel_backend_query(self) -> None:
+        """Before the proxy closes a backend socket for good: a CancelRequest with the
+        session's own key to the host holding it, so a running query stops now. PostgreSQL
+        notices a vanished client only when it next writes to it; pg_sleep or a long sort
+        would run on, holding locks."""
+        key = self.backend_key
+        if key is None or self.backend_host is None:
+            return
+        host, cfg, backend_tls = self.backend_host.host, self.cfg.backend, self.loaded.backend_tls
+
+        async def send() -> None:
+            try:
+                await backend_mod.send_cancel(host, cfg, backend_tls, key.cancel_request())
+            except backend_mod.BackendError as exc:
+                log.warning("cancel of backend pid %d at %s failed: %s", key.pid,
+                            host.address, exc)
+
+        task = self.loop.create_task(send())
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+
     def _channel_binding_differs(self, connected: backend_mod.Connected) -> bool:
         """SCRAM-SHA-256-PLUS binds to the certificate the client saw (tls-server-end-point):
         across the proxy it can only succeed when the proxy presents the database's own."""
@@ -652,7 +760,7 @@ class Session:
         assert self.client is not None and self.backend is not None and self.startup
         client, backend = self.client, self.backend
         assert client.transport is not None and backend.transport is not None
-        self._to_backend(self.startup.raw)
+        self._to_backend(self._startup_for_backend())
         try:
             async with asyncio.timeout(self.cfg.listen.startup_timeout):
                 while True:
@@ -727,6 +835,7 @@ class Session:
         """This connection as /sessions shows it (admin.md); never a secret."""
         startup = self.startup
         cert = self.client_cert
+        key = self.backend_key
         backend_tls = ""
         if self.backend_encrypted and self.backend is not None and self.backend.transport:
             sslobj = self.backend.transport.get_extra_info("ssl_object")
@@ -749,6 +858,9 @@ class Session:
                 "not_after": _rfc3339(cert.not_after)},
             "backend_tls": backend_tls,
             "backend": self.backend_host.address if self.backend_host else None,
+            "backend_local_port": _port(self.backend, "sockname"),
+            "backend_pid": key.pid if key is not None else None,
+            "backend_secret_known": key is not None,  # never the key itself
             "started": _rfc3339(self.started_at),
             "bytes_in": c2b, "bytes_out": b2c,
         }
@@ -768,35 +880,60 @@ class Session:
             cfg = new.config
             facts = dataclasses.replace(self.facts,
                                         peer=self._peer_ip() if cfg.rules else None)
-            decision = policy.decide_rules(cfg.tls.clientname, cfg.rules, facts)
+            decision = policy.decide_rules(cfg.tls.clientname, cfg.rules, facts, cfg.ident)
             if isinstance(decision, policy.Reject):
                 return "rule", decision.message
         return None
 
-    def terminate(self, reason: str, message: str) -> None:
+    def terminate(self, reason: str, message: str) -> bool:
         """End a relaying session with a FATAL the client reads (57P01, as PostgreSQL's
-        pg_terminate_backend): no new query is read from the client, and the error goes out
-        at the next message boundary of the backend's stream (after its ReadyForQuery),
-        within TERMINATE_WAIT; past that the session is closed without it."""
+        pg_terminate_backend): by a reload (reason client_cert_revoked, client_cert_invalid,
+        rule), by hand (admin) or at the end of the shutdown grace (shutdown). The backend gets
+        a CancelRequest with the session's key at once, so a running query stops; no new query
+        is read from the client, and the error goes out at the next message boundary of the
+        backend's stream (its ReadyForQuery, which the cancel brings), within TERMINATE_WAIT;
+        past that the session is closed without it. False when the session is not relaying
+        (yet, or any more)."""
         if self.terminating is not None or self.client is None or self.backend is None:
-            return
-        metrics.terminated(reason)
+            return False
+        if reason != "shutdown":  # a shutdown is not a termination of this session's doing
+            metrics.terminated(reason)
         text = f"terminating connection: {message}"
         log.warning("%s", text, extra={"fields": {"peer": self.peer_addr,
                                                    "reason": reason}})
         self.terminating = wire.error_response(
             wire.ADMIN_SHUTDOWN, text,
-            detail=f"closed by dwsproxy after a configuration reload, reason {reason}",
-            hint="reconnect with a certificate and settings the new configuration allows")
+            detail=_TERMINATE_DETAIL.get(
+                reason, f"closed by dwsproxy after a configuration reload, reason {reason}"),
+            hint="reconnect with a certificate and settings the new configuration allows"
+            if reason not in _TERMINATE_DETAIL else "")
         self.detail = text
-        self.outcome = f"terminated_{reason}"
-        self.end = "terminated"
+        self.outcome = f"terminated_{reason}" if reason != "shutdown" else "shutdown"
+        self.end = "terminated" if reason != "shutdown" else "shutdown"
         # As a reason of the relay's own (ASKED), so that flow control resuming the client
         # (the backend drained) does not read it again; a plain transport's pause_reading
         # alone would be undone by that.
         self.client.hold()
         self._terminate_deadline = time.monotonic() + TERMINATE_WAIT
-        self.try_terminate()
+        self._cancel_backend_query()
+        if not self.try_terminate() and self.backend.watch is None:
+            # the cancel's ErrorResponse and ReadyForQuery are the boundary: act on them as
+            # they pass, not at the next tick
+            self.backend.watch = self._boundary_seen
+        return True
+
+    def shut_down(self) -> None:
+        """The shutdown grace is over: end this session as a termination does (the running
+        query cancelled, 57P01 to the client), or just close it while it negotiates."""
+        if not self.terminate("shutdown", "the proxy is shutting down "
+                              "(listen.shutdown_grace is over)"):
+            self.close("shutdown")
+
+    def _boundary_seen(self, data: bytes) -> bool:
+        if self.backend is not None and _ends_with_ready_for_query(self.backend.last):
+            self.loop.call_soon(self.try_terminate)  # after this chunk reached the client
+            return True
+        return False
 
     def try_terminate(self) -> bool:
         """Called at terminate() and then by the server's tick until the session ended."""
@@ -917,6 +1054,8 @@ class Session:
             "outcome": self.outcome,
             "end": end,
             "detail": self.detail,
+            **({"via": self.via} if self.via else {}),
+            **({"backend_pid": self.backend_key.pid} if self.backend_key else {}),
             "bytes_in": self.flushed_c2b,
             "bytes_out": self.flushed_b2c,
             "duration": round(time.monotonic() - self.started, 6),
@@ -929,11 +1068,29 @@ def _side_end(side: Endpoint | None) -> tuple[int, str, bytes] | None:
     return side.ended if side is not None else None
 
 
+def _address(side: Endpoint | None, which: str) -> str:
+    """host:port of a side's socket ("peername" or "sockname"); "" when unknown (a Unix
+    socket's name is a path)."""
+    transport = side.transport if side is not None else None
+    info = transport.get_extra_info(which) if transport is not None else None
+    if not isinstance(info, tuple) or len(info) < 2:
+        return ""
+    host, port = info[0], info[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _port(side: Endpoint | None, which: str) -> int | None:
+    address = _address(side, which)
+    return int(address.rpartition(":")[2]) if address else None
+
+
 def _rfc3339(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 _TERMINATE = b"X\x00\x00\x00\x04"  # the client's Terminate message
+_TERMINATE_DETAIL = {"admin": "closed by dwsproxy at an operator's request",
+                     "shutdown": "the proxy is shutting down"}
 TERMINATE_WAIT = 3.0  # seconds a terminated session may take to reach a message boundary
 _READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from ..ops import httpd
 from .backends import Backends
 
 if TYPE_CHECKING:
@@ -66,9 +67,12 @@ CANCEL_BURST = 40.0
 CANCEL_SOURCES = 4096  # addresses remembered; the least recently seen is forgotten first
 
 
-# Descriptors kept free besides the client sockets and their backends: metrics scrapes and
-# /healthz, the backend health check, log files, closes still flushing (relay.CLOSE_TIMEOUT).
+# Descriptors kept free besides the client sockets and their backends: the backend health
+# check, log files, a reload's file reads, closes still flushing (relay.CLOSE_TIMEOUT).
 FD_RESERVE = 32
+# The [metrics] and [admin] listeners: each holds at most twice its cap (httpd.descriptors)
+# and its listening socket; a flood of them waits there, never in the sessions' share.
+HTTP_RESERVE = 2 * (2 * httpd.MAX_CONNECTIONS) + 2
 # Client sockets dropped for the negotiation budget close when their task next runs; accepting
 # pauses once this many more than the ceiling are open, so that cannot overrun the descriptors.
 EVICT_SLACK = 16
@@ -93,7 +97,7 @@ class Limits:
 
     @property
     def reserve(self) -> int:
-        return FD_RESERVE + EVICT_SLACK
+        return FD_RESERVE + HTTP_RESERVE + EVICT_SLACK
 
     def describe(self) -> str:
         return (f"RLIMIT_NOFILE {self.nofile}, {self.in_use} descriptors in use, "
@@ -111,7 +115,7 @@ def compute_limits(share: int, nofile: int, in_use: int) -> Limits:
     in it; it is at most a third of what the descriptors allow, so relayed sessions keep the
     rest. One source address may hold half of it: a flood from one address leaves the other
     half to everyone else, and clients behind one NAT or load balancer still get half."""
-    ceiling = max(2, (nofile - in_use - FD_RESERVE - EVICT_SLACK) // 2)
+    ceiling = max(2, (nofile - in_use - FD_RESERVE - HTTP_RESERVE - EVICT_SLACK) // 2)
     negotiating = max(1, min(max(MIN_NEGOTIATING, share // 4), ceiling // 3))
     relayed = max(1, min(share, ceiling - negotiating))
     return Limits(nofile=nofile, in_use=in_use, share=share, relayed=relayed,

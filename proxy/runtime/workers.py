@@ -216,17 +216,18 @@ class Workers:
                 if future is not None and not future.done():
                     future.set_result(message)
 
-    async def query(self, kind: str, timeout: float) -> list[dict[str, Any]]:
-        """Ask every worker for its status (kind "status") or its sessions too ("sessions");
-        a worker that does not answer within `timeout` is listed as such, never waited for
-        longer."""
+    async def query(self, kind: str, timeout: float, **extra: str) -> list[dict[str, Any]]:
+        """Ask every worker for its status (kind "status") or its sessions too ("sessions"),
+        or to end one session ("terminate", with `session`); a worker that does not answer
+        within `timeout` is listed as such, never waited for longer."""
         self._query_id += 1
         qid = self._query_id
         waits: dict[int, asyncio.Future[dict[str, Any]]] = {}
         for slot in self.procs:
             future = self.answers[(slot, qid)] = self.loop.create_future()
             waits[slot] = future
-            self._send(slot, encode({"type": "query", "id": qid, "kind": kind}), query=True)
+            self._send(slot, encode({"type": "query", "id": qid, "kind": kind, **extra}),
+                       query=True)
         if waits:
             await asyncio.wait(list(waits.values()), timeout=timeout)
         out = []

@@ -70,6 +70,9 @@ def cert_facts(cert: x509.Certificate) -> CertFacts:
         assert isinstance(san, x509.SubjectAlternativeName)
         sans += san.get_values_for_type(x509.DNSName)
         sans += san.get_values_for_type(x509.RFC822Name)
+        # URI SANs: SPIFFE IDs (spiffe://trust-domain/path) name workloads, for clientname=SAN
+        # and [[ident]] maps
+        sans += san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         pass
     return CertFacts(

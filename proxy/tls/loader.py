@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..config import schema as config
 from ..config import snapshot
+from ..config.errors import ConfigError
 from ..config.schema import Config
 from ..config.snapshot import Snapshot
 from . import contexts as tls
@@ -39,6 +40,8 @@ class Loaded:
     backend_tls: BackendTls | None = None  # None when backend.sslmode is disable
     # backend.health_check_password_file's first line: the proxy's own login, never shown
     health_check_password: str = field(default="", repr=False)
+    # [admin] token_file's token: never shown, never compared, never logged
+    admin_token: str = field(default="", compare=False, repr=False)
 
 
 def read(path: str) -> snapshot.Snapshot:
@@ -48,6 +51,8 @@ def read(path: str) -> snapshot.Snapshot:
     reader = snapshot.Reader(cfg.path, text)
     _read_tls_files(reader, cfg.tls)
     _read_backend_files(reader, cfg.backend)
+    if cfg.admin.enabled and cfg.admin.token_file:
+        reader.file(cfg.admin.token_file, "admin.token_file", secret=True)
     return reader.snapshot()
 
 
@@ -112,7 +117,21 @@ def build(snap: snapshot.Snapshot) -> Loaded:
         raw = snap.read(cfg.backend.health_check_password_file,
                         "backend.health_check_password_file")
         password = raw.decode("utf-8", "replace").splitlines()[0] if raw.strip() else ""
-    return Loaded(cfg, snap, server_tls, backend_tls, password)
+    return Loaded(cfg, snap, server_tls, backend_tls, password,
+                  admin_token=_admin_token(cfg, snap))
+
+
+def _admin_token(cfg: Config, snap: snapshot.Snapshot) -> str:
+    if not (cfg.admin.enabled and cfg.admin.token_file):
+        return ""
+    try:
+        token = snap.read(cfg.admin.token_file, "admin.token_file").decode().strip()
+    except UnicodeDecodeError:
+        raise ConfigError("admin.token_file", "is not UTF-8 text") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError("admin.token_file", "must hold one token of at least 16 printable "
+                          "characters without spaces (e.g. openssl rand -hex 32)")
+    return token
 
 
 def load(path: str, *, warn: bool = True) -> Loaded:

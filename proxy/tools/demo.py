@@ -146,6 +146,10 @@ ssl_key_file = "{certs / 'server.key'}"
 [metrics]
 host = "127.0.0.1"
 port = {metrics_port}
+
+[admin]
+host = "127.0.0.1"
+port = 0  # any free port: a demo must not take a real proxy's 9188
 {extra}
 """)
     return path

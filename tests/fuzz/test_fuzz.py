@@ -15,8 +15,8 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-TARGETS = ("negotiation", "tls_records")
-# Both runs together stay within CI's share of two minutes for fuzzing.
+TARGETS = ("negotiation", "tls_records", "proxyproto")
+# The three runs together stay within CI's share of two minutes for fuzzing.
 SECONDS = int(os.environ.get("DWSPROXY_FUZZ_SECONDS", "25"))
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -153,11 +154,19 @@ class Proxy:
                  rules: list[dict[str, Any]] | None = None, args: list[str] | None = None,
                  metrics: dict[str, Any] | None = None,
                  reload: dict[str, Any] | None = None,
+                 admin: dict[str, Any] | None = None, extra: str = "",
                  wrap: list[str] | None = None) -> None:
-        """`wrap`: a command that runs the proxy, e.g. ["prlimit", "--nofile=256"]."""
+        """`wrap`: a command that runs the proxy, e.g. ["prlimit", "--nofile=256"]. The
+        [admin] listener has a token (`token`) unless `admin` sets token_file = "". `extra`:
+        TOML appended as is ([[ident]] tables)."""
         self.folder = folder
         self.port = int((listen or {}).get("port") or free_port())
         self.metrics_port = free_port()
+        self.admin_port = free_port()
+        self.token = f"test-token-{self.port}-0123456789abcdef"
+        self.token_file = folder / f"proxy-{self.port}.token"
+        self.token_file.write_text(self.token + "\n")
+        self.token_file.chmod(0o600)
         sections: dict[str, dict[str, Any]] = {
             "listen": {"host": "127.0.0.1", "port": self.port, "startup_timeout": 5.0,
                        **(listen or {})},
@@ -167,12 +176,18 @@ class Proxy:
                     "ssl_key_file": str(pki / "server.key"), **(tls or {})},
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port, **(metrics or {})},
             **({"reload": reload} if reload else {}),
+            "admin": {"host": "127.0.0.1", "port": self.admin_port,
+                      "token_file": str(self.token_file), **(admin or {})},
         }
+        self.admin_enabled = sections["admin"].get("enabled", True)
+        if not sections["admin"]["token_file"]:
+            self.token = ""
         text = ""
         for name, values in sections.items():
             text += f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
         for rule in rules or []:
             text += "[[rules]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in rule.items())
+        text += extra
         self.config_path = folder / f"proxy-{self.port}.toml"
         self.config_path.write_text(text)
         self.log_path = folder / f"proxy-{self.port}.log"
@@ -185,6 +200,8 @@ class Proxy:
         try:
             wait_port(self.port, 20)
             wait_port(self.metrics_port, 20)
+            if self.admin_enabled:
+                wait_port(self.admin_port, 20)
         except TimeoutError:
             self.stop()
             raise AssertionError(f"proxy did not start:\n{self.log()}") from None
@@ -208,6 +225,30 @@ class Proxy:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def admin_http(self, path: str, *, method: str = "GET", token: bool | str = True,
+                   host: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """A request to the [admin] listener: (status, headers in lower case, body). `token`:
+        True sends the proxy's own, a string sends that one, False none."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}",
+                                         method=method,
+                                         data=b"" if method == "POST" else None)
+        bearer = self.token if token is True else (token or "")
+        if bearer:
+            request.add_header("Authorization", f"Bearer {bearer}")
+        if host is not None:
+            request.add_header("Host", host)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return (resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                        resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+    def admin_json(self, path: str) -> Any:
+        status, _, body = self.admin_http(path)
+        assert status == 200, (status, body)
+        return json.loads(body)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """{(sample name, sorted labels): value} from one scrape."""

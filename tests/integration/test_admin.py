@@ -1,5 +1,6 @@
-"""The admin views: /sessions and /status across two workers, `dwsproxy sessions|status`,
-the status page in a real headless Chromium, and `[metrics] admin = false`."""
+"""The admin views on the [admin] listener: /sessions and /status across two workers,
+`dwsproxy sessions|status`, the status page (under its Content-Security-Policy) in a real
+headless Chromium, and `[admin] enabled = false`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,8 @@ from conftest import REPO, Proxy
 
 SESSION_FIELDS = {"id", "worker", "peer", "state", "user", "database", "application_name",
                   "encryption", "tls", "tls_version", "cipher", "direct", "client_cert",
-                  "backend_tls", "backend", "started", "bytes_in", "bytes_out"}
+                  "backend_tls", "started", "bytes_in", "bytes_out", "backend",
+                  "backend_local_port", "backend_pid", "backend_secret_known"}
 ARTIFACTS = Path("/tmp/dwsproxy-artifacts")
 
 
@@ -27,7 +30,8 @@ ARTIFACTS = Path("/tmp/dwsproxy-artifacts")
 def admin_proxy(start_proxy: Callable[..., Proxy], pki: Path) -> Proxy:
     proxy = start_proxy(tls={"ssl_ca_file": str(pki / "cacert.pem"),
                              "ssl_crl_file": str(pki / "crl.pem"), "clientcert": "optional"},
-                        listen={"workers": 2})
+                        listen={"workers": 2},
+                        admin={"token_file": ""})  # loopback: the browser has no token
     deadline = time.monotonic() + 20
     while proxy.log().count("listening on") < 2:
         assert time.monotonic() < deadline, proxy.log()
@@ -61,9 +65,7 @@ def open_sessions(admin_proxy: Proxy, pki: Path) -> Iterator[dict[str, str]]:
 
 
 def get_json(proxy: Proxy, path: str) -> dict[str, Any]:
-    status, body = proxy.http(path)
-    assert status == 200, body
-    return dict(json.loads(body))
+    return dict(proxy.admin_json(path))
 
 
 def ours(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -93,7 +95,7 @@ def test_sessions_lists_exactly_the_open_sessions(admin_proxy: Proxy,
         assert s["bytes_in"] > 0 and s["bytes_out"] > 0
     assert [s["started"] for s in listed] == sorted(s["started"] for s in listed)
     out = subprocess.run([sys.executable, "-m", "proxy", "sessions", "--url",
-                          f"http://127.0.0.1:{admin_proxy.metrics_port}"],
+                          f"http://127.0.0.1:{admin_proxy.admin_port}"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.returncode == 0, out.stderr
     for name in open_sessions:
@@ -139,7 +141,7 @@ def test_status_shows_synchronization_and_reloads(admin_proxy: Proxy) -> None:
     finally:
         admin_proxy.config_path.write_text(original)
     out = subprocess.run([sys.executable, "-m", "proxy", "status", "--url",
-                          f"http://127.0.0.1:{admin_proxy.metrics_port}"],
+                          f"http://127.0.0.1:{admin_proxy.admin_port}"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.returncode == 0 and "synchronized:  yes" in out.stdout, out.stdout
 
@@ -150,7 +152,7 @@ def test_status_page_in_a_real_browser(admin_proxy: Proxy,
     if chromium is None:
         pytest.fail("chromium missing: .ci/system-deps installs it")
     ARTIFACTS.mkdir(exist_ok=True)
-    url = f"http://127.0.0.1:{admin_proxy.metrics_port}/"
+    url = f"http://127.0.0.1:{admin_proxy.admin_port}/"
     common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
               "--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0",
               "--virtual-time-budget=4000", f"--user-data-dir={ARTIFACTS / 'profile'}"]
@@ -176,9 +178,11 @@ def test_status_page_in_a_real_browser(admin_proxy: Proxy,
 def test_admin_off_and_unreachable(start_proxy: Callable[..., Proxy]) -> None:
     from proxy.tools.demo import free_port
 
-    off = start_proxy(metrics={"admin": False})
+    off = start_proxy(admin={"enabled": False})
     for path in ("/sessions", "/status", "/"):
-        assert off.http(path)[0] == 404
+        assert off.http(path)[0] == 404  # never on the [metrics] listener
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", off.admin_port), timeout=2).close()
     assert off.http("/metrics")[0] == 200 and off.http("/healthz")[0] == 200
     out = subprocess.run([sys.executable, "-m", "proxy", "sessions", "--url",
                           f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True,

@@ -5,7 +5,6 @@ CancelRequest sent to the host that holds the session."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -45,7 +44,7 @@ def test_first_host_down_sessions_land_on_the_next_within_connect_timeout(
         t0 = time.monotonic()
         assert server_port(proxy) == primary.port
         assert time.monotonic() - t0 < 2.0  # within connect_timeout
-    status = json.loads(proxy.http("/status")[1])
+    status = proxy.admin_json("/status")
     rows = {b["address"]: b for b in status["backends"]}
     assert rows[f"127.0.0.1:{down}"]["up"] is False
     assert rows[f"127.0.0.1:{primary.port}"]["up"] is True
@@ -73,7 +72,7 @@ def test_read_write_with_the_standby_first_puts_every_session_on_the_primary(
     assert {server_port(proxy) for _ in range(10)} == {primary.port}
     # the role was learnt on the proxy's own connection, as the health-check user: the
     # client's session carried its own StartupMessage only
-    status = json.loads(proxy.http("/status")[1])
+    status = proxy.admin_json("/status")
     roles = {b["address"]: b["role"] for b in status["backends"]}
     assert roles == {f"127.0.0.1:{standby.port}": "standby",
                      f"127.0.0.1:{primary.port}": "primary"}
@@ -125,7 +124,7 @@ def test_readyz_is_503_when_no_host_answers_and_asks_itself_with_interval_0(
     proxy = start(start_proxy, [down], health_check_interval=0)
     assert proxy.http("/livez")[0] == 200
     assert proxy.http("/readyz")[0] == 503
-    status = json.loads(proxy.http("/status")[1])
+    status = proxy.admin_json("/status")
     assert status["backends"][0]["address"] == f"127.0.0.1:{down}"
     assert status["backends"][0]["up"] is False and status["backends"][0]["checked_at"]
 
@@ -171,7 +170,7 @@ def test_the_health_check_user_logs_in_with_its_password_file(
         proxy = start(start_proxy, [server.port], target_session_attrs="primary",
                       health_check_user="health", health_check_password_file=str(good))
         assert server_port(proxy) == server.port
-        assert json.loads(proxy.http("/status")[1])["backends"][0]["role"] == "primary"
+        assert proxy.admin_json("/status")["backends"][0]["role"] == "primary"
         wrong = start(start_proxy, [server.port], target_session_attrs="primary",
                       health_check_user="health", health_check_password_file=str(bad))
         proc = run_psql(f"host=127.0.0.1 port={wrong.port} user=postgres sslmode=disable",

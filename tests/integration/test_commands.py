@@ -95,15 +95,17 @@ def test_a_check_that_finds_a_difference_exits_1(start_proxy: Callable[..., Prox
 def test_reload_exits_0_when_applied_and_2_with_the_key_when_refused(
         start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(reload={"watch": False})
-    url = f"http://127.0.0.1:{proxy.metrics_port}"
-    applied = dwsproxy("reload", "--pid-file", str(proxy.pid_file), "--url", url)
+    # /status is on the [admin] listener, which wants the proxy's token
+    url = f"http://127.0.0.1:{proxy.admin_port}"
+    token = ("--token-file", str(proxy.token_file))
+    applied = dwsproxy("reload", "--pid-file", str(proxy.pid_file), "--url", url, *token)
     assert applied.returncode == 0 and "applied" in applied.stdout, applied.stderr
     assert proxy.metric("dwsproxy_config_reloads_total", result="success") == 1
 
     good = proxy.config_path.read_text()
     proxy.config_path.write_text(good.replace("startup_timeout = 5.0",
                                               'startup_timeout = "soon"'))
-    refused = dwsproxy("reload", "--pid-file", str(proxy.pid_file), "--url", url)
+    refused = dwsproxy("reload", "--pid-file", str(proxy.pid_file), "--url", url, *token)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "config error: listen.startup_timeout: expected a number of seconds" in \
         refused.stderr, refused.stderr
@@ -111,7 +113,7 @@ def test_reload_exits_0_when_applied_and_2_with_the_key_when_refused(
 
     # Without --pid-file: the main process's pid comes from /status.
     proxy.config_path.write_text(good)
-    again = dwsproxy("reload", "--url", url)
+    again = dwsproxy("reload", "--url", url, *token)
     assert again.returncode == 0, again.stderr
     assert proxy.metric("dwsproxy_config_reloads_total", result="success") == 2
     # Only --pid-file, as before: /status is found from the process's own --config.

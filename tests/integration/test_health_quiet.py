@@ -5,7 +5,6 @@ name under verify-full (issue 24)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -56,7 +55,7 @@ def tls_backend(pki: Pki, **extra: Any) -> dict[str, Any]:
 
 
 def checked_at(proxy: Proxy) -> list[str]:
-    return [b["checked_at"] for b in json.loads(proxy.http("/status")[1])["backends"]]
+    return [b["checked_at"] for b in proxy.admin_json("/status")["backends"]]
 
 
 def test_the_health_check_leaves_no_line_in_postgresql_s_log(
@@ -111,7 +110,7 @@ def test_verify_full_checks_each_host_against_its_own_name(
     proc = run_psql(f"host=127.0.0.1 port={proxy.port} user=postgres dbname=postgres "
                     "sslmode=disable", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
     assert proc.returncode == 0 and proc.stdout.strip() == "t", proc.stderr
-    rows = {b["address"]: b for b in json.loads(proxy.http("/status")[1])["backends"]}
+    rows = {b["address"]: b for b in proxy.admin_json("/status")["backends"]}
     assert rows[f"127.0.0.2:{tls.port}"]["up"] is False
     assert "does not match the host name" in rows[f"127.0.0.2:{tls.port}"]["error"]
     assert rows[f"localhost:{tls.port}"]["up"] is True

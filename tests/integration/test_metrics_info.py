@@ -3,7 +3,6 @@ configuration's digest the one /status shows, and after a reload only the new on
 
 from __future__ import annotations
 
-import json
 import platform
 import signal
 import ssl
@@ -26,7 +25,7 @@ def test_build_and_config_info(start_proxy: Callable[..., Proxy], workers: int) 
     assert info_series(proxy, "dwsproxy_build_info") == [
         {"version": version(), "python": platform.python_version(),
          "openssl": ssl.OPENSSL_VERSION}]
-    status = json.loads(proxy.http("/status")[1])
+    status = proxy.admin_json("/status")  # the [admin] listener
     before = status["config"]["snapshot_sha256"]
     assert info_series(proxy, "dwsproxy_config_info") == [{"sha256": before}]
 
@@ -34,6 +33,6 @@ def test_build_and_config_info(start_proxy: Callable[..., Proxy], workers: int) 
         "startup_timeout = 5.0", "startup_timeout = 6.0"))
     proxy.signal(signal.SIGHUP)
     proxy.wait_metric("dwsproxy_config_reloads_total", 1, result="success")
-    after = json.loads(proxy.http("/status")[1])["config"]["snapshot_sha256"]
+    after = proxy.admin_json("/status")["config"]["snapshot_sha256"]
     assert after != before
     assert info_series(proxy, "dwsproxy_config_info") == [{"sha256": after}]

@@ -4,7 +4,6 @@ nothing but is counted as a refused reload."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -33,9 +32,7 @@ def replace_by_rename(target: Path, data: bytes) -> float:
 
 
 def status(proxy: Proxy) -> dict[str, object]:
-    code, body = proxy.http("/status")
-    assert code == 200, body
-    doc: dict[str, object] = json.loads(body)
+    doc: dict[str, object] = proxy.admin_json("/status")
     return doc
 
 

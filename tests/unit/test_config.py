@@ -319,3 +319,55 @@ def test_paths_keep_the_kubelet_symlinks(bundle: Path) -> None:
                          "crl.pem": crl}, "2026_12_02_2")
     again = loader.load(cfg.path).config
     assert again.tls.clientcert == "optional"
+
+
+# --- the third round's keys (issue 23) -----------------------------------------------------------
+@pytest.mark.parametrize("extra, key, problem", [
+    ("[metrics]\nadmin = false\n", "metrics.admin", "own listener"),
+    ("[admin]\nhost = \"0.0.0.0\"\n", "admin.token_file", "is required"),
+    ("[admin]\nport = 9187\n", "admin.port", "[metrics] listener's port"),
+    ("[listen]\nproxy_protocol = true\n", "listen.trusted_proxies", "is required"),
+    ("[listen]\ntrusted_proxies = [\"10.0.0.300/32\"]\n", "listen.trusted_proxies[0]",
+     "not a CIDR"),
+    ("[listen]\ntrusted_proxies = \"10.0.0.1/32\"\n", "listen.trusted_proxies", "a list"),
+    ("ident_map = \"corp\"\nclientcert = \"verify-full\"\nssl_ca_file = \"certs/cacert.pem\"\n",
+     "tls.ident_map", "no [[ident]] map named 'corp'"),
+    ("ident_map = \"corp\"\n[[ident]]\nmap = \"corp\"\nsystem_user = \"a\"\npg_user = \"b\"\n",
+     "tls.ident_map", "only used by clientcert"),
+    ("[[ident]]\nmap = \"corp\"\nsystem_user = \"/(\"\npg_user = \"b\"\n",
+     "ident[1].system_user", "not a regular expression"),
+    ("[[ident]]\nmap = \"corp\"\nsystem_user = \"/^x$\"\npg_user = '\\1'\n",
+     "ident[1].pg_user", "no capture group"),
+    ("[[ident]]\nmap = \"corp\"\nsystem_user = \"a\"\n", "ident[1].pg_user", "missing"),
+    ("[[ident]]\nmap = \"corp\"\nsystem_user = \"a\"\npg_user = \"b\"\nuser = \"c\"\n",
+     "ident[1].user", "unknown key"),
+    ("[[rules]]\naction = \"allow\"\nident_map = \"m\"\nclientcert = \"verify-ca\"\n"
+     "[[ident]]\nmap = \"m\"\nsystem_user = \"a\"\npg_user = \"b\"\n",
+     "rules[1].ident_map", "only used by clientcert"),
+])
+def test_third_round_keys_are_checked(bundle: Path, extra: str, key: str, problem: str) -> None:
+    err = load_error(bundle, BASE + extra)
+    assert err.key == key and problem in str(err), str(err)
+
+
+@pytest.mark.parametrize("mode, token, problem", [
+    (0o644, "a" * 32, "group or world"),
+    (0o600, "short", "at least 16"),
+    (0o600, "has a space in it 0123456789", "at least 16"),
+])
+def test_admin_token_file_is_a_secret(bundle: Path, mode: int, token: str, problem: str) -> None:
+    path = bundle / "admin.token"
+    path.write_text(token + "\n")
+    path.chmod(mode)
+    err = load_error(bundle, BASE + f"[admin]\ntoken_file = \"{path}\"\n")
+    assert err.key == "admin.token_file" and problem in str(err), str(err)
+
+
+def test_admin_token_is_read_and_never_shown(bundle: Path) -> None:
+    path = bundle / "admin.token"
+    path.write_text("0123456789abcdef0123\n")
+    path.chmod(0o600)
+    loaded = loader.load(str(write(bundle, BASE + f"[admin]\nhost = \"10.0.0.1\"\n"
+                                   f"token_file = \"{path}\"\n")))
+    assert loaded.admin_token == "0123456789abcdef0123"
+    assert "0123456789abcdef0123" not in repr(loaded)

@@ -51,6 +51,8 @@ CONTRACT_KEYS: dict[str, set[str]] = {
         "clientcert", "action",
     },
     "metrics": {"host", "port"},
+    # the third round's contract (config.md): the admin views on their own listener
+    "admin": {"enabled", "host", "port", "token_file"},
 }
 TLS_FILE_KEYS = ("ssl_cert_file", "ssl_key_file", "ssl_ca_file", "ssl_crl_file")
 SECRET_KEYS = {"server.crt", "server.key", "cacert.pem", "crl.pem"}

@@ -53,7 +53,7 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
 _DATACLASSES: dict[str, type[Any]] = {
     "listen": config.ListenConfig, "backend": config.BackendConfig, "tls": config.TlsConfig,
     "rules": config.Rule, "metrics": config.MetricsConfig,
-    "reload": config.ReloadConfig}
+    "reload": config.ReloadConfig, "admin": config.AdminConfig}
 
 
 def test_schema_matches_the_dataclasses() -> None:
@@ -96,7 +96,8 @@ def test_documented_reload_behaviour_matches_the_restart_only_keys() -> None:
                if c[3] == "restart"}
     assert restart == {"listen.host", "listen.port", "listen.workers", "listen.unix_socket_dir",
                        "listen.unix_socket_mode", "listen.unix_socket_group",
-                       *(f"metrics.{k}" for k in config.SCHEMA["metrics"])}
+                       *(f"metrics.{k}" for k in config.SCHEMA["metrics"]),
+                       "admin.enabled", "admin.host", "admin.port"}
     allowed = {"restart", "new connections", "open sessions too", "next look"}
     for section, keys in docs.items():
         for key, cells in keys.items():

@@ -172,3 +172,17 @@ def test_the_checker_sees_an_upward_import_even_type_only(tmp_path: Path) -> Non
 def test_the_checker_sees_a_circle_within_a_layer(tmp_path: Path, text: str) -> None:
     root = _tree(tmp_path, {"runtime/a.py": text, "runtime/b.py": "from . import a\n"})
     assert cycles(graph(root)) == [["proxy.runtime.a", "proxy.runtime.b"]]
+
+
+def test_the_cli_imports_no_prometheus_client_before_it_chose_the_mode() -> None:
+    """prometheus-client reads PROMETHEUS_MULTIPROC_DIR once, when it is first imported; the CLI
+    sets it for workers > 1 only after parsing the config. Anything `proxy.cli` imports at the
+    top (ops/admin for the version, and what that imports) must leave it unimported, or the
+    workers' counts would never reach the scrape (test_workers_summed)."""
+    import subprocess
+    import sys
+
+    code = "import sys, proxy.cli; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -5,6 +5,7 @@ import ipaddress
 import pytest
 
 from proxy import policy
+from proxy.config.ident import IdentEntry, entry
 from proxy.config.schema import Rule, TlsConfig
 from proxy.tls.contexts import CertFacts
 from proxy.tls.verify import CertVerdict
@@ -111,7 +112,7 @@ def facts(**kw: object) -> policy.Facts:
     base: dict[str, object] = {"encrypted": True, "tls_version": "TLSv1.3", "user": "u",
                                    "database": "d", "peer": ipaddress.ip_address("127.0.0.1")}
     base.update(kw)
-    return policy.Facts(**base)  # type: ignore[arg-type]
+    return policy.Facts(**base)
 
 
 def test_rule_gsql_on_tls13_is_refused_naming_the_rule() -> None:
@@ -247,3 +248,45 @@ def test_cancel_under_no_plaintext_rules_still_passes() -> None:
     blocked = (Rule(index=1, address=ipaddress.ip_network("127.0.0.0/8"), action="reject"),
                *rules)
     assert isinstance(policy.decide_cancel(blocked, plain), policy.Reject)
+
+
+# --- [[ident]] maps for verify-full (pg_ident.conf) ----------------------------------------------
+def _corp_maps() -> tuple[IdentEntry, ...]:
+    return (entry("corp", r"/^(.*)@corp\.example$", r"\1"),
+            entry("spiffe", r"/^spiffe://corp\.example/ns/[^/]+/sa/([a-z]+)$", r"\1"))
+
+
+@pytest.mark.parametrize("user, cn, sans, clientname, ident_map, allowed", [
+    ("alice", "alice@corp.example", (), "CN", "corp", True),
+    ("bob", "alice@corp.example", (), "CN", "corp", False),
+    ("alice@corp.example", "alice@corp.example", (), "CN", "corp", False),  # the map decides
+    ("alice@corp.example", "alice@corp.example", (), "CN", "", True),       # no map: exact
+    ("alice", "w7", ("spiffe://corp.example/ns/prod/sa/alice",), "SAN", "spiffe", True),
+    ("alice", "w7", ("spiffe://corp.example/ns/prod/sa/alice",), "CN", "spiffe", False),
+    ("alice", "w7", ("spiffe://corp.example/ns/prod/sa/alice",), "SAN", "", False),
+])
+def test_verify_full_through_an_ident_map(user: str, cn: str, sans: tuple[str, ...],
+                                          clientname: str, ident_map: str,
+                                          allowed: bool) -> None:
+    cert = CertFacts(subject=f"CN={cn}", common_name=cn, sans=sans, issuer="CN=root",
+                     serial=1, not_after=0.0)
+    facts = policy.Facts(encrypted=True, tls_version="TLSv1.3", client_cert=cert, user=user,
+                         database="d")
+    tls = TlsConfig(clientcert="verify-full", clientname=clientname, ident_map=ident_map)
+    decision = policy.decide(tls, (), facts, _corp_maps())
+    assert isinstance(decision, policy.Allow) is allowed, decision
+    if not allowed and ident_map:
+        assert isinstance(decision, policy.Reject)
+        assert f"ident_map={ident_map}" in decision.message
+
+
+def test_a_rules_own_map() -> None:
+    cert = CertFacts(subject="CN=alice@corp.example", common_name="alice@corp.example", sans=(),
+                     issuer="CN=root", serial=1, not_after=0.0)
+    rules = (Rule(1, clientcert="verify-full", ident_map="corp", action="allow"),)
+    for user, allowed in (("alice", True), ("bob", False)):
+        facts = policy.Facts(encrypted=True, tls_version="TLSv1.3", client_cert=cert,
+                             user=user, database="d")
+        decision = policy.decide(TlsConfig(clientcert="optional"), rules, facts,
+                                 _corp_maps())
+        assert isinstance(decision, policy.Allow) is allowed

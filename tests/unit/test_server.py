@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from proxy.runtime.state import (
     EVICT_SLACK,
     FD_RESERVE,
+    HTTP_RESERVE,
     Limits,
     NegotiationBudget,
     compute_limits,
@@ -28,8 +29,9 @@ def test_plenty_of_descriptors_admit_the_whole_share() -> None:
 
 def test_nofile_256_splits_what_is_left_after_the_reserve() -> None:
     limits = compute_limits(10000, 256, 15)
-    assert limits.sockets == (256 - 15 - FD_RESERVE - EVICT_SLACK) // 2 == 96
-    assert (limits.relayed, limits.negotiating, limits.per_source) == (64, 32, 16)
+    # the [metrics] and [admin] listeners' descriptors are reserved too (HTTP_RESERVE)
+    assert limits.sockets == (256 - 15 - FD_RESERVE - HTTP_RESERVE - EVICT_SLACK) // 2 == 63
+    assert (limits.relayed, limits.negotiating, limits.per_source) == (42, 21, 10)
 
 
 def test_a_small_share_still_gets_a_usable_negotiation_budget() -> None:

@@ -149,3 +149,40 @@ def test_repeated_parameter_is_refused() -> None:
     body = struct.pack("!I", 3 << 16) + b"user\0u\0replication\0database\0replication\0true\0\0"
     event, _ = wire.parse_startup_packet(struct.pack("!i", len(body) + 4) + body)
     assert isinstance(event, wire.ProtocolViolation) and "given twice" in event.message
+
+
+def _app_name(packet: bytes) -> str:
+    event, _ = wire.parse_startup_packet(packet)
+    assert isinstance(event, wire.StartupMessage)
+    return event.application_name
+
+
+@pytest.mark.parametrize("given, address, expected", [
+    ("psql", "127.0.0.1:51234", "psql - 127.0.0.1:51234"),
+    ("", "10.0.0.1:1", "app - 10.0.0.1:1"),                      # PgBouncer's default
+    ("x" * 80, "198.51.100.7:40000", "x" * 42 + " - 198.51.100.7:40000"),
+    ("naïve\x1b[2J", "10.0.0.1:1", "na?ve?[2J - 10.0.0.1:1"),
+    ("y" * 10, "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+     "y" * 10 + " - [2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+])
+def test_application_name_with_host(given: str, address: str, expected: str) -> None:
+    params = {"user": "u", "database": "d", **({"application_name": given} if given else {})}
+    startup = wire.parse_startup_packet(wire.build_startup_message(params, 3, 2))[0]
+    assert isinstance(startup, wire.StartupMessage)
+    packet = wire.application_name_with_host(startup, address)
+    assert _app_name(packet) == expected and len(expected.encode()) <= 63
+    again = wire.parse_startup_packet(packet)[0]
+    assert isinstance(again, wire.StartupMessage) and again.minor == 2
+    assert again.user == "u" and again.database == "d"
+
+
+@given(st.text(max_size=100), st.sampled_from(["127.0.0.1:1", "[::1]:65535",
+                                               "203.0.113.200:54321"]))
+def test_application_name_keeps_the_whole_address(name: str, address: str) -> None:
+    name = name.replace("\0", "")
+    params = {"user": "u", **({"application_name": name} if name else {})}
+    startup = wire.parse_startup_packet(wire.build_startup_message(params))[0]
+    assert isinstance(startup, wire.StartupMessage)
+    got = _app_name(wire.application_name_with_host(startup, address))
+    assert got.endswith(" - " + address) and len(got.encode()) <= wire.APPLICATION_NAME_MAX
+    assert got.isascii()
