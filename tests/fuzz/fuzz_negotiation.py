@@ -17,7 +17,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["proxy.wire", "proxy.negotiation"]):
+with atheris.instrument_imports(include=["proxy.protocol.wire", "proxy.protocol.negotiation"]):
     from proxy.protocol import negotiation, wire
     from proxy.protocol.decision import Allow, Reject
     from proxy.protocol.negotiation import (

@@ -24,7 +24,7 @@ from typing import Any
 
 import atheris
 
-with atheris.instrument_imports(include=["proxy.relay"]):
+with atheris.instrument_imports(include=["proxy.runtime.relay"]):
     from proxy.runtime import relay
 
 from proxy.config.schema import TlsConfig

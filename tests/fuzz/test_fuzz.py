@@ -55,3 +55,17 @@ def test_short_fuzz_run_finds_nothing(target: str, tmp_path: Path) -> None:
     assert done and int(done.group(1)) > 0, proc.stderr[-3000:]
     final = re.findall(r"#\d+\s+DONE .*", proc.stderr)
     print(f"fuzz_{target}: {final[-1] if final else done.group(0)}")  # seen with pytest -s
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_instrumented_modules_exist(target: str) -> None:
+    """atheris instruments modules by name: a name that no longer exists (a module moved)
+    leaves the target running with no coverage guidance, and nothing else says so."""
+    import importlib.util
+
+    text = (HERE / f"fuzz_{target}.py").read_text()
+    names = re.findall(r'"(proxy(?:\.\w+)+)"', text.split("instrument_imports", 1)[1]
+                       .split(")", 1)[0])
+    assert names, f"fuzz_{target}.py instruments no proxy module"
+    for name in names:
+        assert importlib.util.find_spec(name) is not None, f"{name} is not a module"
