@@ -247,8 +247,11 @@ def load_key(ctx: ssl.SSLContext, snap: Snapshot, cert_pem: bytes, cert: tuple[s
             ctx.load_cert_chain(cert_path, kp, password=password or b"-")
     except ssl.SSLError as exc:
         if encrypted:
-            source = passphrase_file[0] if passphrase_file[1] else rand_key
-            raise ConfigError(source, f"wrong passphrase for {key[0]}") from None
+            # A wrong .rand usually fails gausskey's checks, but it has no MAC: about one in
+            # 256 decodes to a wrong passphrase, which OpenSSL refuses here. Name the file.
+            source, path = ((passphrase_file[0], passphrase_file[1]) if passphrase_file[1]
+                            else (rand_key, rand_path))
+            raise ConfigError(source, f"wrong passphrase for {key[0]} (from '{path}')") from None
         raise ConfigError(key[0], f"cannot use the key with {cert[0]}: {exc.reason}") from None
 
 

@@ -361,3 +361,28 @@ def test_no_tls13_session_ticket_is_sent(setup: dict) -> None:
     control.options &= ~ssl.OP_NO_TICKET
     control.num_tickets = 2
     assert _ticket_sent(control, client)  # the check can see a ticket
+
+
+def test_a_wrong_passphrase_names_the_file_it_came_from(tmp_path: Path) -> None:
+    """check-config's one line must say which file to fix: a wrong .rand that gausskey's
+    checks let through (it has no MAC) reached here as a bare 'wrong passphrase'."""
+    from cryptography.hazmat.primitives.serialization import (
+        BestAvailableEncryption,
+        PrivateFormat,
+    )
+
+    ca = certs.make_ca("Passphrase CA")
+    cert, key = certs.issue(ca, "localhost", server=True)
+    certs.write_certs(tmp_path / "server.crt", cert)
+    (tmp_path / "server.key").write_bytes(key.private_bytes(
+        Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"right")))
+    (tmp_path / "server.key").chmod(0o600)
+    (tmp_path / "pass").write_text("wrong\n")
+    (tmp_path / "pass").chmod(0o600)
+    cfg = TlsConfig(ssl_cert_file=str(tmp_path / "server.crt"),
+                    ssl_key_file=str(tmp_path / "server.key"),
+                    ssl_passphrase_file=str(tmp_path / "pass"))
+    with pytest.raises(ConfigError) as info:
+        loader.server_tls(cfg, cert_requested=False)
+    assert info.value.key == "tls.ssl_passphrase_file"
+    assert str(tmp_path / "pass") in str(info.value)
