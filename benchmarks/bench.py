@@ -59,12 +59,34 @@ PGBENCH = {
     "connect_8": (8, 2, ("-C",)),
     "latency_1": (1, 1, ()),
 }
-# The backend-TLS target runs only where the second hop shows: throughput, the connect rate
-# (a backend handshake per session) and COPY; the rest would only lengthen the run.
-BACKEND_TLS_TESTS = ("select_32", "connect_8", "copy_out")
-# PgBouncer without server reuse runs only there: the other tests keep their sessions open.
+BACKEND_TLS = "dwsproxy-btls"  # the headline's workers, TLS (verify-full) to the backend too
+PGB_BTLS = "pgbouncer-btls"  # its peer: PgBouncer with server_tls_sslmode = verify-full
+UNIX = "dwsproxy-unix"  # the sidecar: client TLS over TCP, the backend over the Unix socket
+PGB_UNIX = "pgbouncer-unix"  # its peer: PgBouncer's server connections over the Unix socket
 PGB_ONCE = "pgbouncer-once"
+# The backend-TLS pair runs only where the second hop shows: throughput, the connect rate
+# (a backend handshake per session) and COPY; the rest would only lengthen the run.
+BACKEND_TLS_TESTS = ("select_8", "select_32", "connect_8", "copy_out")
+# The sidecar pair: throughput, the latency a proxy adds and the connect rate, where the
+# backend hop's system calls show; COPY and idle memory do not depend on the hop's kind.
+UNIX_TESTS = ("select_8", "select_32", "select_256", "latency_1", "connect_8")
+# PgBouncer without server reuse runs only there: the other tests keep their sessions open.
 PGB_ONCE_TESTS = ("connect_8",)
+# Targets that run a subset of the tests; every other target runs them all.
+TESTS_OF = {BACKEND_TLS: BACKEND_TLS_TESTS, PGB_BTLS: BACKEND_TLS_TESTS, UNIX: UNIX_TESTS,
+            PGB_UNIX: UNIX_TESTS, PGB_ONCE: PGB_ONCE_TESTS}
+# Each dwsproxy target is compared with the PgBouncer that reaches PostgreSQL the same way.
+PEER = {BACKEND_TLS: PGB_BTLS, UNIX: PGB_UNIX}
+
+
+def runs(target: str, test: str) -> bool:
+    """Whether `target` takes part in `test`."""
+    return test in TESTS_OF.get(target, TESTS)
+
+
+def peer(target: str) -> str:
+    """The PgBouncer a dwsproxy target is measured against, like for like."""
+    return PEER.get(target, "pgbouncer")
 # The same code measured twice on the shared development machine differs by up to this much.
 NOISE = 0.05
 
@@ -110,7 +132,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "prometheus-client) instead of the venv's; to compare interpreters")
     p.add_argument("--backend-tls", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also run `{BACKEND_TLS}`: the headline's workers setting with TLS "
-                        "(verify-full) to PostgreSQL as well (default on)")
+                        f"(verify-full) to PostgreSQL as well, and its peer `{PGB_BTLS}` "
+                        "(default on)")
+    p.add_argument("--unix", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also run `{UNIX}` and `{PGB_UNIX}`: client TLS over TCP, the backend "
+                        "over PostgreSQL's Unix socket (the sidecar layout; default on)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: -T 2, 1 round, 20000-row COPY, 100 idle sessions; "
                         "results are written as quick.{json,md}")
@@ -129,9 +155,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if w != "auto" and not w.isdigit():
             p.error(f"--workers: {w!r} is neither auto nor a number")
     return args
-
-
-BACKEND_TLS = "dwsproxy-btls"  # the headline's workers, TLS (verify-full) to the backend too
 
 
 def dws_name(workers: str) -> str:
@@ -179,6 +202,7 @@ class Bench:
 
     def dws_names(self) -> list[str]:
         names = [dws_name(w) for w in self.args.workers]
+        names += [UNIX] if self.args.unix else []
         names += [BACKEND_TLS] if self.args.backend_tls else []
         return names + (["baseline"] if self.has_baseline() else [])
 
@@ -203,11 +227,25 @@ class Bench:
             once = st.start_pgbouncer(PGB_ONCE, once=True)
             self.order.append(once.name)
             h.log(f"{once.name} (server_lifetime = 0) on {h.HOST}:{once.port}")
+        if self.args.unix:
+            t = st.start_pgbouncer(PGB_UNIX, server="unix")
+            self.order.append(t.name)
+            h.log(f"{t.name} (servers over {st.pg_socket_dir}/.s.PGSQL.{direct.port}) on "
+                  f"{h.HOST}:{t.port}")
+        if self.args.backend_tls:
+            t = st.start_pgbouncer(PGB_BTLS, server="tls")
+            self.order.append(t.name)
+            h.log(f"{t.name} (server_tls_sslmode = verify-full) on {h.HOST}:{t.port}")
         for w in self.args.workers:
             t = st.start_dwsproxy(dws_name(w), w)
             self.order.append(t.name)
             h.log(f"{t.name} (workers = {w}) on {h.HOST}:{t.port}: {len(t.pids())} process(es) "
                   f"{t.pids()}")
+        if self.args.unix:
+            t = st.start_dwsproxy(UNIX, self.args.workers[0], backend_unix=True)
+            self.order.append(t.name)
+            h.log(f"{t.name} (workers = {self.args.workers[0]}, backend over "
+                  f"{st.pg_socket_dir}/.s.PGSQL.{direct.port}) on {h.HOST}:{t.port}")
         if self.args.backend_tls:
             t = st.start_dwsproxy(BACKEND_TLS, self.args.workers[0], backend_tls=True)
             self.order.append(t.name)
@@ -226,8 +264,8 @@ class Bench:
             # load, so that its figure does not depend on what the throughput tests left in the
             # allocators (that is reported apart, as RSS after the load tests).
             for name in self.order[1:]:
-                if name in (BACKEND_TLS, PGB_ONCE):
-                    continue  # not idle-session targets (BACKEND_TLS_TESTS, PGB_ONCE_TESTS)
+                if not runs(name, "idle_1000_rss"):
+                    continue  # not an idle-session target (TESTS_OF)
                 twin = idle_twin(name)
                 if name == "pgbouncer":
                     t = st.start_pgbouncer(twin)
@@ -368,11 +406,8 @@ class Bench:
             k = (rnd - 1) % len(self.order) if self.args.order == "rotate" else 0
             for test in self.args.tests:
                 for target in self.order[k:] + self.order[:k]:
-                    if target == BACKEND_TLS and test not in BACKEND_TLS_TESTS:
-                        continue
-                    if target == PGB_ONCE and test not in PGB_ONCE_TESTS:
-                        continue
-                    self.run_test(test, target, rnd)
+                    if runs(target, test):
+                        self.run_test(test, target, rnd)
         # what the instances that carried the throughput tests hold now, with no sessions
         for name in self.order[1:]:
             self.after_load[name] = self.stack.targets[name].memory()
@@ -396,6 +431,8 @@ class Bench:
             for n in self.dws_names():
                 ratios[test][f"{n}/pgbouncer"] = ratio(med[test][n], med[test]["pgbouncer"])
                 ratios[test][f"{n}/direct"] = ratio(med[test][n], med[test]["direct"])
+                if peer(n) != "pgbouncer":
+                    ratios[test][f"{n}/{peer(n)}"] = ratio(med[test][n], med[test][peer(n)])
         goals = []
 
         def goal(test: str, text: str, value: float | None, ok: bool | None,
@@ -457,6 +494,34 @@ class Bench:
             goal("idle_1000_rss", f"per idle TLS session (fresh processes): {head} KiB <= "
                  f"PgBouncer's ({fmt(theirs)} KiB)", ours,
                  None if ours is None or theirs is None else ours <= theirs, "KiB")
+        # the like-for-like pairs: each dwsproxy target against the PgBouncer that reaches
+        # PostgreSQL the same way (issue 26: the btls pair >= 1.0x at 8 and 32 clients)
+        for name in (n for n in (UNIX, BACKEND_TLS) if n in self.dws_names()):
+            other = peer(name)
+            for test in ("select_8", "select_32", "select_256"):
+                if test not in a.tests or not runs(name, test):
+                    continue
+                r = ratios[test][f"{name}/{other}"]
+                goal(test, f"{TESTS[test][0]}: {name} TPS >= 1.0x {other}", r,
+                     None if r is None else r >= 1.0)
+                r = ratio(self.detail_median(test, name, "proxy_cpu_us_per_txn"),
+                          self.detail_median(test, other, "proxy_cpu_us_per_txn"))
+                goal(test, f"{TESTS[test][0]}: {name} CPU per transaction <= 1.2x {other}'s",
+                     r, None if r is None else r <= 1.2)
+            if "latency_1" in a.tests and runs(name, "latency_1"):
+                d = self.detail_median("latency_1", "direct", "value")
+                mine = self.detail_median("latency_1", name, "value")
+                theirs = self.detail_median("latency_1", other, "value")
+                added = None if d is None or mine is None else mine - d
+                other_added = None if d is None or theirs is None else theirs - d
+                goal("latency_1", f"1 client, average latency added over direct TLS: {name} "
+                     f"<= {other}'s ({fmt(other_added, 'ms')} ms)", added,
+                     None if added is None or other_added is None else added <= other_added,
+                     "ms")
+            if "connect_8" in a.tests and runs(name, "connect_8"):
+                r = ratios["connect_8"][f"{name}/direct"]
+                goal("connect_8", f"new-connection rate: {name} >= 0.95x direct TLS", r,
+                     None if r is None else r >= 0.95)
         if len(a.workers) > 1:
             for test in a.tests:
                 if test not in PGBENCH or test == "latency_1":
@@ -492,11 +557,18 @@ class Bench:
                              f"auth_type=trust, max_client_conn={h.PGBOUNCER_MAX_CLIENTS}, "
                              f"default_pool_size={h.PGBOUNCER_POOL_SIZE}; {PGB_ONCE}: the "
                              "same with server_lifetime=0, in "
-                             f"{', '.join(PGB_ONCE_TESTS)} only",
+                             f"{', '.join(PGB_ONCE_TESTS)} only; {PGB_UNIX}: the same with "
+                             "the server connections over PostgreSQL's Unix socket, in "
+                             f"{', '.join(UNIX_TESTS)}; {PGB_BTLS}: the same with "
+                             "server_tls_sslmode=verify-full (server_tls_ca_file, host "
+                             f"127.0.0.1, the certificate's IP SAN), in "
+                             f"{', '.join(BACKEND_TLS_TESTS)}",
                 "postgresql": f"ssl=on (same ECDSA P-256 cert/key), max_connections="
                               f"{h.PG_MAX_CONNECTIONS}, fsync=off, trust auth",
                 "dwsproxy": "require_ssl=true, backend plaintext, default logging (info); "
-                            f"{BACKEND_TLS}: the same with backend sslmode=verify-full",
+                            f"{BACKEND_TLS}: the same with backend sslmode=verify-full; "
+                            f"{UNIX}: the same with the backend host the cluster's socket "
+                            "folder (Unix socket)",
                 "dwsproxy_source": a.proxy_src or str(h.REPO / "proxy"),
                 "baseline": ({"source": a.baseline_src or a.proxy_src or str(h.REPO / "proxy"),
                               "python": a.baseline_python or a.proxy_python or sys.executable}
@@ -513,16 +585,44 @@ class Bench:
             "ratios": ratios,
             "targets": goals,
             "workers_better": workers_cmp,
+            "unix_backend_ab": self.unix_ab(),
             "rss_after_load_no_sessions": self.after_load,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
+
+    def unix_ab(self) -> dict[str, dict[str, float | None]]:
+        """Per test the sidecar pair has, what moving the backend hop from 127.0.0.1 TCP to
+        the Unix socket changed: the proxy's CPU per transaction and the TPS, dwsproxy (the
+        headline against dwsproxy-unix) and PgBouncer (pgbouncer against pgbouncer-unix), as
+        medians and ratios Unix/TCP of the same run."""
+        if not self.args.unix:
+            return {}
+        head = dws_name(self.args.workers[0])
+        out: dict[str, dict[str, float | None]] = {}
+        for test in self.args.tests:
+            if test not in PGBENCH or not runs(UNIX, test):
+                continue
+            row: dict[str, float | None] = {}
+            for key, tcp, unix in (("dws", head, UNIX), ("pgb", "pgbouncer", PGB_UNIX)):
+                cpu_tcp = self.detail_median(test, tcp, "proxy_cpu_us_per_txn")
+                cpu_unix = self.detail_median(test, unix, "proxy_cpu_us_per_txn")
+                row[f"{key}_cpu_tcp"], row[f"{key}_cpu_unix"] = cpu_tcp, cpu_unix
+                row[f"{key}_cpu_ratio"] = ratio(cpu_unix, cpu_tcp)
+                row[f"{key}_tps_ratio"] = ratio(
+                    median([d["tps"] if "tps" in d else d["value"]
+                            for d in self.details[test].get(unix, [])]),
+                    median([d["tps"] if "tps" in d else d["value"]
+                            for d in self.details[test].get(tcp, [])]))
+            out[test] = row
+        return out
 
     def markdown(self, s: dict[str, Any]) -> str:
         a = self.args
         m = s["machine"]
         dws = self.dws_names()
-        cols = ["direct", "pgbouncer", *([PGB_ONCE] if PGB_ONCE in self.order else []), *dws]
-        ratio_cols = [f"{n}/{b}" for n in dws for b in ("pgbouncer", "direct")]
+        # direct and the PgBouncers (pgbouncer, -once, -unix, -btls as started), then dwsproxy
+        cols = [n for n in self.order if n not in dws] + dws
+        ratio_cols = [f"{n}/{b}" for n in dws for b in (peer(n), "direct")]
         lines = [
             "# dwsproxy benchmark",
             "",
@@ -563,6 +663,22 @@ class Bench:
             val = fmt(g["value"], g["unit"])
             unit = f" {g['unit']}" if g["unit"] != "ratio" and g["value"] is not None else ""
             lines.append(f"- {g['target']}: {val}{unit} — {mark}")
+        ab = s.get("unix_backend_ab") or {}
+        if ab:
+            head = dws[0]
+            lines += ["", f"What the Unix-socket backend changes (A/B in this run: `{UNIX}` "
+                      f"against `{head}`, the same proxy with its backend over 127.0.0.1 TCP; "
+                      f"`{PGB_UNIX}` against `pgbouncer` for comparison). Proxy CPU µs per "
+                      "transaction (connect_8: per connection), TCP → Unix (ratio), and the "
+                      "TPS ratio Unix/TCP:", ""]
+            for test, row in ab.items():
+                lines.append(
+                    f"- {test}: {head} {fmt(row['dws_cpu_tcp'])} → {fmt(row['dws_cpu_unix'])}"
+                    f" ({fmt(row['dws_cpu_ratio'], 'ratio')}), TPS "
+                    f"{fmt(row['dws_tps_ratio'], 'ratio')}; pgbouncer "
+                    f"{fmt(row['pgb_cpu_tcp'])} → {fmt(row['pgb_cpu_unix'])} "
+                    f"({fmt(row['pgb_cpu_ratio'], 'ratio')}), TPS "
+                    f"{fmt(row['pgb_tps_ratio'], 'ratio')}")
         if s["workers_better"]:
             lines += ["", "Better `workers` setting per test: " + ", ".join(
                 f"{t}: {w}" for t, w in s["workers_better"].items())]

@@ -221,11 +221,21 @@ class Stack:
         assert self.pg is not None
         return int((self.pg.data / "postmaster.pid").read_text().split()[0])
 
+    @property
+    def pg_socket_dir(self) -> Path:
+        """The folder of the cluster's Unix socket (`.s.PGSQL.PORT`): libpq's and PgBouncer's
+        `host=/folder`, dwsproxy's `[backend] host = "/folder"`. The cluster runs as
+        `postgres`; the folder is 0755 and the socket 0777 (PostgreSQL's default), so the
+        proxies reach it as root (dwsproxy) and as `postgres` (PgBouncer)."""
+        assert self.pg is not None
+        return self.pg.dir
+
     def backend_count(self) -> int:
-        """Client backends connected to the cluster now (over TCP: excludes our own psql)."""
+        """Client backends connected to the cluster now, over TCP and over the Unix socket
+        (the sidecar targets' servers connect there), our own psql excluded."""
         return int(self.pg_sql(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND client_addr IS NOT NULL"))
+            "AND pid <> pg_backend_pid()"))
 
     def wait_backends_below(self, limit: int, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
@@ -236,11 +246,18 @@ class Stack:
         return count
 
     # -- PgBouncer --
-    def start_pgbouncer(self, name: str = "pgbouncer", once: bool = False) -> Target:
+    def start_pgbouncer(self, name: str = "pgbouncer", once: bool = False,
+                        server: str = "tcp") -> Target:
         """PgBouncer in session pooling; `once`: with `server_lifetime = 0`, so that every
         client gets a server connection of its own, opened for it and closed after it (what
-        dwsproxy does), instead of one that earlier clients left in the pool."""
+        dwsproxy does), instead of one that earlier clients left in the pool. `server`: how it
+        reaches PostgreSQL: "tcp" (plaintext over 127.0.0.1), "unix" (the cluster's Unix
+        socket: the sidecar layout) or "tls" (127.0.0.1 with `server_tls_sslmode =
+        verify-full`, the certificate checked against the CA for the name 127.0.0.1, which its
+        IP SAN carries: what dwsproxy-btls does)."""
         assert self.pg is not None
+        if server not in ("tcp", "unix", "tls"):
+            raise ValueError(f"server: {server!r}")
         binary = pgbouncer_binary()
         if binary is None:
             raise FileNotFoundError("pgbouncer not installed (apt-get install -y pgbouncer)")
@@ -251,8 +268,16 @@ class Stack:
         # certificate and key (the cluster's copy, already 0600 and owned by postgres).
         crt, key = self.pg.dir / "server.crt", self.pg.dir / "server.key"
         (pdir / "userlist.txt").write_text('"postgres" ""\n')
+        server_host = str(self.pg_socket_dir) if server == "unix" else HOST
+        if server == "tls":
+            # its own copy of the CA certificate, in a folder it owns
+            shutil.copyfile(self.certs / "cacert.pem", pdir / "cacert.pem")
+            server_tls = (f"server_tls_sslmode = verify-full\n"
+                          f"server_tls_ca_file = {pdir / 'cacert.pem'}")
+        else:
+            server_tls = "server_tls_sslmode = disable"
         (pdir / "pgbouncer.ini").write_text(f"""[databases]
-* = host={HOST} port={self.pg.port}
+* = host={server_host} port={self.pg.port}
 
 [pgbouncer]
 listen_addr = {HOST}
@@ -274,7 +299,7 @@ ignore_startup_parameters = extra_float_digits,options
 client_tls_sslmode = require
 client_tls_cert_file = {crt}
 client_tls_key_file = {key}
-server_tls_sslmode = disable
+{server_tls}
 log_connections = 0
 log_disconnections = 0
 logfile = {pdir / 'pgbouncer.log'}
@@ -298,8 +323,13 @@ pidfile = {pdir / 'pgbouncer.pid'}
 
     # -- dwsproxy --
     def start_dwsproxy(self, name: str, workers: str, src: Path | None = None,
-                       python: str = "", backend_tls: bool = False) -> Target:
+                       python: str = "", backend_tls: bool = False,
+                       backend_unix: bool = False) -> Target:
+        """`backend_tls`: verify-full TLS to PostgreSQL over 127.0.0.1; `backend_unix`: the
+        cluster's Unix socket (`[backend] host` a socket folder: the sidecar layout)."""
         assert self.pg is not None
+        if backend_tls and backend_unix:
+            raise ValueError("TLS over a Unix socket: PostgreSQL does not offer it")
         port, mport = free_port(), free_port()
         workers_toml = '"auto"' if workers == "auto" else str(int(workers))
         cfg = self.work / f"{name}.toml"
@@ -316,7 +346,7 @@ startup_timeout = 10.0
 shutdown_grace = 1.0
 
 [backend]
-host = "{HOST}"
+host = "{self.pg_socket_dir if backend_unix else HOST}"
 port = {self.pg.port}
 {backend_tls_toml if backend_tls else 'sslmode = "disable"'}
 
