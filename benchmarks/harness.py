@@ -149,6 +149,12 @@ def stop_process(proc: subprocess.Popen, name: str, timeout: float = 15.0,
 # --- targets -----------------------------------------------------------------------------------
 
 
+def knows_admin(tree: Path) -> bool:
+    """Whether the proxy in this source tree has the `[admin]` listener (default port 9188)."""
+    return any("class AdminConfig" in f.read_text(errors="replace")
+               for f in (tree / "proxy").rglob("*.py"))
+
+
 @dataclass
 class Target:
     name: str  # "direct", "pgbouncer", "dwsproxy", "dwsproxy-w1", ...
@@ -330,9 +336,14 @@ pidfile = {pdir / 'pgbouncer.pid'}
         assert self.pg is not None
         if backend_tls and backend_unix:
             raise ValueError("TLS over a Unix socket: PostgreSQL does not offer it")
-        port, mport = free_port(), free_port()
+        port, mport, aport = free_port(), free_port(), free_port()
         workers_toml = '"auto"' if workers == "auto" else str(int(workers))
         cfg = self.work / f"{name}.toml"
+        # [admin] stays on (the default), each instance on a port of its own: the default 9188
+        # would be taken by the first instance and refuse the next. A tree from before [admin]
+        # (a --baseline-src) would refuse the section: it gets none.
+        admin_toml = (f'\n[admin]\nhost = "{HOST}"\nport = {aport}\n'
+                      if knows_admin(src or self.proxy_src or REPO) else "")
         # the second hop over TLS to the same PostgreSQL, its certificate checked (IP SAN)
         backend_tls_toml = (f'sslmode = "verify-full"\n'
                             f'sslrootcert = "{self.certs / "cacert.pem"}"')
@@ -359,7 +370,8 @@ ssl_key_file = "{self.certs / 'server.key'}"
 [metrics]
 host = "{HOST}"
 port = {mport}
-""")
+
+{admin_toml}""")
         exe = REPO / ".venv" / "bin" / "dwsproxy"
         env = dict(os.environ)
         src = src or self.proxy_src

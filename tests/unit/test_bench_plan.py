@@ -64,3 +64,12 @@ def test_unix_ab_divides_unix_by_tcp_within_the_run(bench, tmp_path) -> None:  #
     assert got["dws_tps_ratio"] == pytest.approx(1.2)
     assert got["pgb_cpu_ratio"] == pytest.approx(0.75)
     assert got["pgb_tps_ratio"] == pytest.approx(1.1)
+
+
+def test_admin_section_only_for_a_tree_that_has_it(bench, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # this tree has [admin] (default port 9188: each instance needs a port of its own); a
+    # --baseline-src tree from before it would refuse the section
+    assert bench.h.knows_admin(ROOT)
+    (tmp_path / "proxy").mkdir()
+    (tmp_path / "proxy" / "config.py").write_text("class MetricsConfig:\n    port = 9187\n")
+    assert not bench.h.knows_admin(tmp_path)
