@@ -240,5 +240,5 @@ def test_encrypted_server_key(tmp_path: Path, pki2: Pki, start_proxy: Callable[.
                           capture_output=True, text=True, cwd=REPO, timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("config error: tls.ssl_passphrase_file: wrong passphrase "
-                                   "for tls.ssl_key_file")
+                                   f"for tls.ssl_key_file (from '{tmp_path / 'wrong'}')")
     assert "correct horse" not in proc.stderr and "battery" not in proc.stderr
