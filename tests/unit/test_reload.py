@@ -38,6 +38,19 @@ def run(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
+def reload_once(loaded: Any) -> ServerState[Any]:
+    """A process state holding `loaded`, after one reload through the Reloader."""
+    async def main() -> ServerState[Any]:
+        state: ServerState[Any] = ServerState(loaded)
+        reloader = server.Reloader(state, lambda: None)
+        reloader.request()
+        assert reloader.task is not None
+        await reloader.task
+        return state
+
+    return run(main())  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize("exc", [OSError(24, "Too many open files"), MemoryError()])
 def test_a_reload_failing_with_anything_is_a_counted_refusal(
         config_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -54,15 +67,7 @@ def test_a_reload_failing_with_anything_is_a_counted_refusal(
     monkeypatch.setattr(loader, "load", broken)
     before = failures()
 
-    async def main() -> ServerState[Any]:
-        state: ServerState[Any] = ServerState(loaded)
-        reloader = server.Reloader(state, lambda: None)
-        reloader.request()
-        assert reloader.task is not None
-        await reloader.task
-        return state
-
-    state = run(main())
+    state = reload_once(loaded)
     assert state.loaded is loaded  # the previous configuration stays in force
     assert state.last_reload["result"] == "failure"
     assert type(exc).__name__ in str(state.last_reload["error"])
@@ -84,15 +89,7 @@ def test_the_configuration_is_built_off_the_event_loop(config_path: Path,
 
     monkeypatch.setattr(loader, "load", load)
 
-    async def main() -> ServerState[Any]:
-        state: ServerState[Any] = ServerState(loaded)
-        reloader = server.Reloader(state, lambda: None)
-        reloader.request()
-        assert reloader.task is not None
-        await reloader.task
-        return state
-
-    state = run(main())
+    state = reload_once(loaded)
     assert state.last_reload["result"] == "success" and state.loaded is not loaded
     assert threads and threads[0] is not threading.main_thread()
 
