@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -63,10 +64,17 @@ def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 def make_unix_socket(directory: str, port: int, mode: str, group: str) -> socket.socket:
     """DIR/.s.PGSQL.PORT, PostgreSQL's and PgBouncer's name, with the given mode and group.
-    A socket file left by a proxy that died is replaced; one that a live process answers on
-    is not (OSError EADDRINUSE)."""
+    A socket file left by a proxy of this user that died is replaced; one that a live process
+    answers on is not (OSError EADDRINUSE), nor anything that is not a socket of this user (a
+    symlink or a file another local user planted in a shared folder). The mode is set by the
+    umask at bind, never by a chmod of the path afterwards, which would follow a symlink
+    swapped in meanwhile."""
     path = os.path.join(directory, f".s.PGSQL.{port}")
     if os.path.lexists(path):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket of this user: "
+                          "remove it, or choose another listen.unix_socket_dir")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -78,12 +86,15 @@ def make_unix_socket(directory: str, port: int, mode: str, group: str) -> socket
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        os.chmod(path, int(mode, 8))
+        old = os.umask(0o777 & ~int(mode, 8))  # at start, before any other thread runs
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
         if group:
             import grp  # only where a group is named
 
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chown(path, -1, grp.getgrnam(group).gr_gid, follow_symlinks=False)
         sock.listen(1024)
     except (OSError, KeyError) as exc:
         sock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -231,3 +232,41 @@ def test_with_every_source_talking_the_oldest_still_goes() -> None:
         budget.spoke(session)
     budget.enter(sessions[3], "10.0.0.9", limits)
     assert sessions[0].evicted and sessions[1].evicted is None
+
+
+def test_a_unix_socket_gets_its_mode_and_replaces_only_a_stale_socket_of_ours(
+        tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from proxy.runtime.server import make_unix_socket
+
+    sock = make_unix_socket(str(tmp_path), 5999, "0770", "")
+    path = tmp_path / ".s.PGSQL.5999"
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o770
+    sock.close()  # the file stays: a proxy that died
+    again = make_unix_socket(str(tmp_path), 5999, "0700", "")
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700
+    with pytest.raises(OSError) as info:  # a live one is not taken over
+        make_unix_socket(str(tmp_path), 5999, "0700", "")
+    assert "in use" in str(info.value)
+    again.close()
+
+
+def test_a_planted_symlink_is_neither_replaced_nor_followed(tmp_path: Path) -> None:
+    """Hostile review: in a shared folder another local user can plant .s.PGSQL.PORT as a
+    symlink; it was unlinked (or, swapped in after bind, chmod'ed through) by path."""
+    import os
+    import stat
+
+    from proxy.runtime.server import make_unix_socket
+
+    target = tmp_path / "precious.key"
+    target.write_text("secret")
+    target.chmod(0o600)
+    (tmp_path / ".s.PGSQL.5998").symlink_to(target)
+    with pytest.raises(OSError) as info:
+        make_unix_socket(str(tmp_path), 5998, "0777", "")
+    assert "is not a socket of this user" in str(info.value)
+    assert (tmp_path / ".s.PGSQL.5998").is_symlink()
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
