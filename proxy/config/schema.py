@@ -425,15 +425,23 @@ def _cidr_list(path: str, value: object) -> tuple[ipaddress.IPv4Network | ipaddr
                  for i, v in enumerate(value))
 
 
+def _convert(prefix: str, table: dict[str, Any],
+             schema: Mapping[str, Callable[[str, object], Any]]) -> dict[str, Any]:
+    """Every key of a table checked against its schema and converted; an unknown key is a
+    ConfigError naming it and the known ones."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in schema:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key (known: {', '.join(schema)})")
+        out[key] = schema[key](f"{prefix}.{key}", value)
+    return out
+
+
 def _ident(index: int, raw: object) -> IdentEntry:
     prefix = f"ident[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(prefix, "expected a table ([[ident]])")
-    values: dict[str, str] = {}
-    for key, value in raw.items():
-        if key not in _IDENT:
-            raise ConfigError(f"{prefix}.{key}", f"unknown key (known: {', '.join(_IDENT)})")
-        values[key] = _IDENT[key](f"{prefix}.{key}", value)
+    values = _convert(prefix, raw, _IDENT)
     for key in _IDENT:
         if not values.get(key):
             raise ConfigError(f"{prefix}.{key}", "missing or empty")
@@ -514,11 +522,7 @@ def _section(raw: dict[str, Any], name: str, schema: Mapping[str, Callable[[str,
     table = raw.get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(name, "expected a table")
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in schema:
-            raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(schema)})")
-        out[key] = schema[key](f"{name}.{key}", value)
+    out = _convert(name, table, schema)
     # Relative paths, defaults included, are relative to the config file's folder (contract).
     for key in _PATH_KEYS.get(name, ()):
         value = out.get(key, getattr(defaults, key))
@@ -531,12 +535,7 @@ def _rule(index: int, raw: object) -> Rule:
     prefix = f"rules[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(prefix, "expected a table ([[rules]])")
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}.{key}"
-        if key not in _RULE:
-            raise ConfigError(path, f"unknown key (known: {', '.join(_RULE)})")
-        values[key] = _RULE[key](path, value)
+    values = _convert(prefix, raw, _RULE)
     if "action" not in values:
         raise ConfigError(f"{prefix}.action", "missing (allow or reject)")
     if values.get("type") == "hostnossl" and (values.get("ssl_protocols") or
